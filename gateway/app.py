@@ -1,0 +1,113 @@
+"""create_app: the one place that picks concrete parts and orders the pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from gateway.auth.middleware import authenticate_stage
+from gateway.config import GatewayConfig
+from gateway.keys import CONTEXT, HTTP_SESSION, OBSERVERS, STATE
+from gateway.limits.middleware import admit_stage
+from gateway.pipeline import context_stage, errors_stage, observe_stage
+from gateway.policy.middleware import authorise_stage, canonical_path_stage, cors_stage
+from gateway.relay import relay, upstream_headers
+from gateway.state import GatewayState, StateHolder
+
+READY_PROBE_TIMEOUT = 5.0
+
+
+def build_pipeline() -> list[Middleware]:
+    """The request pipeline, outermost first. The order is the security model."""
+    return [
+        context_stage,  # request id, client address, config snapshot; never rejects
+        observe_stage,  # metrics + access log; outside `errors` so it sees rendered errors
+        errors_stage,  # the only place a GatewayError becomes JSON {"error": ...}
+        canonical_path_stage,  # one path form, authorised and forwarded alike; else 400
+        cors_stage,  # preflights answered here: browsers send no credentials on them
+        authenticate_stage,  # headers -> Principal, or 401; knows nothing of routes
+        authorise_stage,  # route table + model allow-lists (bounded body read) -> 403
+        admit_stage,  # rate, concurrency and token budgets per principal -> 429
+    ]  # ... then the handler: `relay_handler`, or one of the gateway's own endpoints
+
+
+async def relay_handler(request: web.Request) -> web.StreamResponse:
+    ctx = request[CONTEXT]
+    headers = upstream_headers(
+        request.headers, ctx, forwarded_proto=request.scheme, forwarded_for=ctx.forwarded_for
+    )
+    return await relay(request, ctx, request.app[HTTP_SESSION], ctx.state.config.upstream, headers)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready when Ollama answers `GET /api/version` (cheap; never a generation)."""
+    upstream = request[CONTEXT].state.config.upstream
+    url = upstream.url.rstrip("/") + "/api/version"
+    try:
+        async with asyncio.timeout(min(READY_PROBE_TIMEOUT, upstream.read_timeout)):
+            async with request.app[HTTP_SESSION].get(url) as response:
+                ok = response.status == 200
+                await response.read()
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        ok = False
+    request.app[UPSTREAM_UP].set(ok)
+    if ok:
+        return web.json_response({"status": "ready"})
+    return web.json_response({"status": "upstream unavailable"}, status=503)
+
+
+class UpstreamUp:
+    """Last /readyz probe result, read by metrics."""
+
+    __slots__ = ("value", "listeners")
+
+    def __init__(self) -> None:
+        self.value: bool | None = None
+        self.listeners: list[Any] = []
+
+    def set(self, ok: bool) -> None:
+        self.value = ok
+        for listener in self.listeners:
+            listener(ok)
+
+
+UPSTREAM_UP = web.AppKey("upstream_up", UpstreamUp)
+
+
+async def _http_session(app: web.Application) -> AsyncIterator[None]:
+    config = app[STATE].current.config
+    connector = aiohttp.TCPConnector(
+        limit=config.upstream.max_connections, limit_per_host=0, keepalive_timeout=30
+    )
+    async with aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,  # bytes pass unchanged, whatever their encoding
+        timeout=aiohttp.ClientTimeout(total=None),
+        # Send exactly the client's headers: aiohttp must not add its own defaults.
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        cookie_jar=aiohttp.DummyCookieJar(),  # never store upstream cookies across users
+    ) as session:
+        app[HTTP_SESSION] = session
+        yield
+
+
+def create_app(config: GatewayConfig, **deps: Any) -> web.Application:
+    """Build the gateway. `deps` carries test doubles of external things (clock, ...)."""
+    app = web.Application(middlewares=build_pipeline(), client_max_size=config.max_body_bytes)
+    app[STATE] = StateHolder(GatewayState.build(config, previous=None, **deps))
+    app[OBSERVERS] = []
+    app[UPSTREAM_UP] = UpstreamUp()
+    app.cleanup_ctx.append(_http_session)
+    app.router.add_get("/healthz", healthz, allow_head=True)
+    app.router.add_get("/readyz", readyz, allow_head=True)
+    app.router.add_route("*", "/{tail:.*}", relay_handler)
+    return app

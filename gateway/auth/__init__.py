@@ -1,0 +1,1 @@
+"""Authentication: credentials in headers -> Principal."""

@@ -1,0 +1,61 @@
+"""RequestContext: what every stage learns about one request, in one place.
+
+Stages write into it; metrics and the access log only read it. One outcome per request:
+completed, rejected, upstream_error or client_gone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.auth.principal import Principal
+    from gateway.relay import ResponseTap
+    from gateway.state import GatewayState
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token counts reported by the upstream's final record (native or OpenAI)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    model: str | None = None
+    eval_seconds: float | None = None  # native eval_duration, for tokens/s
+
+    @property
+    def total(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str
+    state: GatewayState  # the config this request runs under, to its end
+    method: str
+    path: str  # the canonical path: exactly what is authorised and forwarded
+    query: str
+    client_ip: str
+    forwarded_for: str = ""  # the X-Forwarded-For chain to send upstream
+    started: float = field(default_factory=time.perf_counter)
+    route_class: str = "other"
+    principal: Principal | None = None
+    model: str | None = None
+    body: bytes | None = None  # a bounded JSON body read for authorisation, forwarded as is
+    status: int = 0
+    outcome: str = "completed"
+    error_reason: str = ""
+    bytes_in: int = 0
+    bytes_out: int = 0
+    upstream_started: float | None = None
+    first_byte_at: float | None = None
+    usage: Usage | None = None
+    tap: ResponseTap | None = None  # sees (and may rewrite) the response bytes on the side
+    gateway_seconds: float = 0.0  # time spent before the request left for the upstream
+
+    @property
+    def user(self) -> str | None:
+        return self.principal.user if self.principal else None
+

@@ -1,0 +1,73 @@
+"""The one error type for responses the gateway makes itself.
+
+Stages raise a `GatewayError`; only the errors middleware turns it into JSON, so every
+gateway-made response has the same shape: `{"error": "..."}` plus the status's headers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class GatewayError(Exception):
+    """A response the gateway makes itself: status, client-safe message, extra headers.
+
+    `outcome` feeds metrics and the access log; `reason` is a short machine label
+    (for example `bad_password`, `tokens_per_minute`) that never holds user input.
+    """
+
+    status: int = 500
+    outcome: str = "rejected"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str = "",
+        headers: Mapping[str, str] | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+        self.headers = dict(headers or {})
+        if status is not None:
+            self.status = status
+
+
+class BadRequest(GatewayError):
+    status = 400
+
+
+class Unauthorized(GatewayError):
+    status = 401
+
+
+class Forbidden(GatewayError):
+    status = 403
+
+
+class NotFound(GatewayError):
+    status = 404
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+
+
+class TooManyRequests(GatewayError):
+    status = 429
+
+
+class ServiceUnavailable(GatewayError):
+    status = 503
+
+
+class BadGateway(GatewayError):
+    status = 502
+    outcome = "upstream_error"
+
+
+class GatewayTimeout(GatewayError):
+    status = 504
+    outcome = "upstream_error"

@@ -1,0 +1,16 @@
+"""Every aiohttp AppKey / RequestKey in one place: how stages get their dependencies."""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+
+from collections.abc import Callable
+
+from gateway.context import RequestContext
+from gateway.state import StateHolder
+
+STATE = web.AppKey("state", StateHolder)  # the current GatewayState, swapped on reload
+HTTP_SESSION = web.AppKey("http_session", aiohttp.ClientSession)  # pooled upstream session
+CONTEXT = web.RequestKey("context", RequestContext)
+OBSERVERS = web.AppKey("observers", list[Callable[[RequestContext], None]])  # metrics, access log

@@ -1,0 +1,1 @@
+"""Admission control: request rates, concurrency and token budgets per principal."""

@@ -1,0 +1,105 @@
+"""The pipeline's framing stages: context, observe, errors.
+
+The ordered list of stages lives in `gateway.app.build_pipeline`; the security stages live
+with their modules (auth, policy, limits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import uuid
+from collections.abc import Callable
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from gateway.client_address import resolve_client
+from gateway.context import RequestContext
+from gateway.errors import GatewayError
+from gateway.keys import CONTEXT, OBSERVERS, STATE
+
+log = logging.getLogger("gateway")
+
+# An incoming X-Request-Id is kept only when it is short and plain (it ends up in logs).
+SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+Observer = Callable[[RequestContext], None]
+
+
+def _request_id(incoming: str | None) -> str:
+    if incoming and SANE_REQUEST_ID.fullmatch(incoming):
+        return incoming
+    return uuid.uuid4().hex
+
+
+@web.middleware
+async def context_stage(request: web.Request, handler: Handler) -> web.StreamResponse:
+    state = request.app[STATE].current
+    client_ip, forwarded_for = resolve_client(
+        request.remote or "", request.headers.get("X-Forwarded-For"), state.trusted_proxies
+    )
+    raw_path = request.raw_path.partition("?")[0]
+    ctx = RequestContext(
+        request_id=_request_id(request.headers.get("X-Request-Id")),
+        state=state,
+        method=request.method,
+        path=raw_path,
+        query=request.rel_url.raw_query_string,
+        client_ip=client_ip,
+        forwarded_for=forwarded_for,
+    )
+    request[CONTEXT] = ctx
+    return await handler(request)
+
+
+@web.middleware
+async def observe_stage(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Feeds metrics and the access log from the context once the request has ended."""
+    ctx = request[CONTEXT]
+    try:
+        response = await handler(request)
+        if not ctx.status:
+            ctx.status = response.status
+        return response
+    except asyncio.CancelledError:
+        ctx.outcome = "client_gone"  # aiohttp cancels the handler when the client leaves
+        raise
+    finally:
+        for observe in request.app[OBSERVERS]:
+            try:
+                observe(ctx)
+            except Exception:  # an observer must never break a request
+                log.exception("observer failed (request %s)", ctx.request_id)
+
+
+def error_response(error: GatewayError, request_id: str) -> web.Response:
+    body = json.dumps({"error": error.message}).encode()
+    response = web.Response(
+        status=error.status, body=body, content_type="application/json", headers=error.headers
+    )
+    response.headers["X-Request-Id"] = request_id
+    return response
+
+
+@web.middleware
+async def errors_stage(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The only place a GatewayError becomes a response; nothing else renders errors."""
+    ctx = request[CONTEXT]
+    try:
+        return await handler(request)
+    except GatewayError as error:
+        ctx.status, ctx.outcome, ctx.error_reason = error.status, error.outcome, error.reason
+        return error_response(error, ctx.request_id)
+    except web.HTTPException as exc:  # aiohttp's own (bad method, body too large...)
+        error = GatewayError(exc.reason, reason="http", status=exc.status)
+        ctx.status, ctx.outcome, ctx.error_reason = exc.status, "rejected", "http"
+        return error_response(error, ctx.request_id)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("internal error (request %s)", ctx.request_id)
+        ctx.status, ctx.outcome, ctx.error_reason = 500, "rejected", "internal"
+        return error_response(GatewayError("internal error", status=500), ctx.request_id)

@@ -1,0 +1,1 @@
+"""Authorisation: canonical paths, the route table, model allow-lists. Pure, no sockets."""

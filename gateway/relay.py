@@ -1,0 +1,261 @@
+"""The streaming proxy: bytes in, bytes out, chunk by chunk.
+
+It knows sockets and bytes only. It forwards exactly `ctx.path` (the canonical path the
+policy authorised), never buffers a body it did not have to read, and maps transport failures
+to 502/504. Taps (token accounting, listing filters) see the response bytes on the side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from gateway.config import UpstreamConfig
+from gateway.context import RequestContext
+from gateway.errors import BadGateway, GatewayTimeout
+
+# RFC 9110 7.6.1 hop-by-hop headers, plus what must never reach Ollama:
+# credentials (they would leak to ollama.com through cloud passthrough), Origin (Ollama
+# answers 403 to a foreign one; CORS is ours), Host (a loopback Ollama answers 403 to a
+# foreign one) and forwarding headers we rebuild ourselves (spoofing).
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection", "Keep-Alive", "Proxy-Connection", "TE", "Trailer", "Transfer-Encoding",
+        "Upgrade", "Expect",
+    )
+)
+REQUEST_DROP = HOP_BY_HOP | {
+    "host", "authorization", "proxy-authorization", "x-api-key", "cookie", "origin",
+    "content-length", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
+    "x-real-ip", "forwarded", "x-request-id",
+}
+RESPONSE_DROP = HOP_BY_HOP | {"content-length", "server", "date"}
+
+
+class ResponseTap(Protocol):
+    """Sees the upstream response on the side; may rewrite it (then `rewrites` is True).
+
+    `feed` returns the bytes to write: the same object when nothing changes (no copy).
+    """
+
+    rewrites: bool
+
+    def begin(self, status: int, headers: CIMultiDictProxy[str]) -> None: ...
+    def feed(self, chunk: bytes) -> bytes: ...
+    def end(self) -> bytes: ...
+
+
+@dataclass(slots=True)
+class TapChain:
+    """Several taps in a row, each fed what the previous one wrote."""
+
+    taps: list[ResponseTap]
+
+    @property
+    def rewrites(self) -> bool:
+        return any(t.rewrites for t in self.taps)
+
+    def begin(self, status: int, headers: CIMultiDictProxy[str]) -> None:
+        for tap in self.taps:
+            tap.begin(status, headers)
+
+    def feed(self, chunk: bytes) -> bytes:
+        for tap in self.taps:
+            chunk = tap.feed(chunk)
+        return chunk
+
+    def end(self) -> bytes:
+        tail = b""
+        for tap in self.taps:
+            tail = tap.feed(tail) + tap.end() if tail else tap.end()
+        return tail
+
+
+def add_tap(ctx: RequestContext, tap: ResponseTap) -> None:
+    if ctx.tap is None:
+        ctx.tap = tap
+    elif isinstance(ctx.tap, TapChain):
+        ctx.tap.taps.append(tap)
+    else:
+        ctx.tap = TapChain([ctx.tap, tap])
+
+
+def upstream_headers(
+    incoming: Mapping[str, str] | CIMultiDictProxy[str],
+    ctx: RequestContext,
+    *,
+    forwarded_proto: str,
+    forwarded_for: str,
+) -> CIMultiDict[str]:
+    """The request headers Ollama gets: the client's, minus credentials and hop-by-hop."""
+    connection_named = {
+        token.strip().lower()
+        for value in incoming.getall("Connection", [])  # type: ignore[union-attr]
+        for token in value.split(",")
+    }
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        lower = name.lower()
+        if lower in REQUEST_DROP or lower in connection_named:
+            continue
+        headers.add(name, value)
+    headers["X-Forwarded-For"] = forwarded_for
+    headers["X-Forwarded-Proto"] = forwarded_proto
+    headers["X-Request-Id"] = ctx.request_id
+    return headers
+
+
+def response_headers(upstream: CIMultiDictProxy[str], *, keep_length: bool) -> CIMultiDict[str]:
+    connection_named = {
+        token.strip().lower() for v in upstream.getall("Connection", []) for token in v.split(",")
+    }
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        lower = name.lower()
+        if lower in RESPONSE_DROP or lower in connection_named:
+            continue
+        headers.add(name, value)
+    if keep_length and "Content-Length" in upstream:
+        headers["Content-Length"] = upstream["Content-Length"]
+    return headers
+
+
+def client_timeout(upstream: UpstreamConfig) -> aiohttp.ClientTimeout:
+    # No total timeout: generations run for many minutes. Read deadlines are ours (below),
+    # because the first byte and later bytes have different budgets.
+    return aiohttp.ClientTimeout(
+        total=None, connect=upstream.connect_timeout, sock_connect=upstream.connect_timeout
+    )
+
+
+async def relay(
+    request: web.Request,
+    ctx: RequestContext,
+    session: aiohttp.ClientSession,
+    upstream: UpstreamConfig,
+    headers: CIMultiDict[str],
+) -> web.StreamResponse:
+    """Forward one request and stream the answer back; raise GatewayError before headers."""
+    url = URL(upstream.url.rstrip("/") + ctx.path + (f"?{ctx.query}" if ctx.query else ""),
+              encoded=True)
+    data: object = None
+    if ctx.body is not None:
+        data = ctx.body
+    elif request.body_exists:
+        data = request.content  # streamed: a 10 GB blob upload passes with flat memory
+        if request.content_length is not None:
+            headers["Content-Length"] = str(request.content_length)
+    loop = asyncio.get_running_loop()
+    first_byte_budget = upstream.first_byte_timeout or upstream.read_timeout
+    ctx.upstream_started = time.perf_counter()
+    ctx.gateway_seconds = ctx.upstream_started - ctx.started
+    try:
+        async with asyncio.timeout(loop.time() + first_byte_budget) as deadline:
+            upstream_response = await session.request(
+                request.method, url, headers=headers, data=data,
+                timeout=client_timeout(upstream), allow_redirects=False, auto_decompress=False,
+            )
+            deadline.reschedule(None)
+        ctx.first_byte_at = time.perf_counter()
+    except TimeoutError:
+        raise GatewayTimeout("upstream timed out", reason="timeout") from None
+    except aiohttp.ClientConnectorError:
+        raise BadGateway("upstream unreachable", reason="refused") from None
+    except (aiohttp.ClientError, OSError):
+        raise BadGateway("upstream closed the connection", reason="reset") from None
+    try:
+        return await _stream_back(request, ctx, upstream_response, upstream.read_timeout)
+    finally:
+        # On every path out (done, client gone, error) the upstream connection is released;
+        # when the body was not read to the end it is closed, so Ollama stops generating.
+        upstream_response.release()
+        if not upstream_response.content.is_eof():
+            upstream_response.close()
+        if data is request.content:
+            ctx.bytes_in = request.content.total_bytes
+
+
+async def _stream_back(
+    request: web.Request,
+    ctx: RequestContext,
+    upstream_response: aiohttp.ClientResponse,
+    read_timeout: float,
+) -> web.StreamResponse:
+    tap = ctx.tap
+    if tap is not None:
+        tap.begin(upstream_response.status, upstream_response.headers)
+    rewrites = tap is not None and tap.rewrites
+    response = web.StreamResponse(
+        status=upstream_response.status,
+        reason=upstream_response.reason,
+        headers=response_headers(upstream_response.headers, keep_length=not rewrites),
+    )
+    response.headers["X-Request-Id"] = ctx.request_id
+    ctx.status = upstream_response.status
+    loop = asyncio.get_running_loop()
+    content = upstream_response.content
+    prepared = False
+    try:
+        async with asyncio.timeout(None) as deadline:
+            while True:
+                deadline.reschedule(loop.time() + read_timeout)
+                chunk = await content.readany()
+                deadline.reschedule(None)
+                if not chunk:
+                    break
+                if tap is not None:
+                    chunk = tap.feed(chunk)
+                try:
+                    if not prepared:
+                        await response.prepare(request)
+                        prepared = True
+                    if chunk:
+                        ctx.bytes_out += len(chunk)
+                        await response.write(chunk)
+                except ConnectionResetError:  # the client left; `relay` closes upstream
+                    ctx.outcome = "client_gone"
+                    return response
+    except TimeoutError:
+        return _fail_midway(request, ctx, response, prepared, "timeout", GatewayTimeout)
+    except (aiohttp.ClientError, OSError):
+        return _fail_midway(request, ctx, response, prepared, "reset", BadGateway)
+    tail = tap.end() if tap is not None else b""
+    if not prepared:
+        await response.prepare(request)
+    if tail:
+        ctx.bytes_out += len(tail)
+        await response.write(tail)
+    await response.write_eof()
+    return response
+
+
+def _fail_midway(
+    request: web.Request,
+    ctx: RequestContext,
+    response: web.StreamResponse,
+    prepared: bool,
+    reason: str,
+    error: type[BadGateway] | type[GatewayTimeout],
+) -> web.StreamResponse:
+    """Upstream died: before any byte, a JSON 502/504; after, cut the client's connection.
+
+    Writing a clean end after a broken upstream would tell the client the stream finished.
+    """
+    if not prepared:
+        raise error("upstream timed out" if reason == "timeout" else "upstream reset",
+                    reason=reason)
+    ctx.outcome = "upstream_error"
+    ctx.error_reason = reason
+    if request.transport is not None:
+        request.transport.abort()
+    return response
+

@@ -1,0 +1,99 @@
+"""Shared fixtures: the real gateway on a real socket, in front of the fake Ollama.
+
+`gateway_factory(config_dict)` writes the dict as YAML, loads it through the real loader and
+serves the real app on 127.0.0.1 with a free port, exactly as `serve` does.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+
+from gateway.app import create_app
+from gateway.config import GatewayConfig
+from gateway.config_load import load_config
+from tests.fake_ollama import FakeOllama
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class RunningGateway:
+    url: str
+    app: web.Application
+    runner: web.AppRunner
+    config: GatewayConfig
+    config_path: Path
+
+    @property
+    def host_port(self) -> str:
+        return self.url.removeprefix("http://").removeprefix("https://")
+
+
+GatewayFactory = Callable[..., Awaitable[RunningGateway]]
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeOllama]:
+    server = await FakeOllama().start()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+@pytest.fixture
+async def gateway_factory(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
+    runners: list[web.AppRunner] = []
+
+    async def start(config: dict[str, Any], *, ssl_context: Any = None, **deps: Any) -> RunningGateway:
+        config = {"listen": "127.0.0.1:0", **config}
+        path = tmp_path / f"gateway-{len(runners)}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        loaded = load_config(path)
+        app = create_app(loaded, **deps)
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
+        await runner.setup()
+        runners.append(runner)
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        scheme = "https" if ssl_context else "http"
+        return RunningGateway(f"{scheme}://{host}:{port}", app, runner, loaded, path)
+
+    yield start
+    for runner in reversed(runners):
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def gateway(gateway_factory: GatewayFactory, fake: FakeOllama) -> RunningGateway:
+    """A gateway with no credentials configured, in front of `fake`."""
+    return await gateway_factory({"upstream": {"url": fake.url}})
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        yield session
+
+
+def require_binary(name: str) -> str:
+    """Path of a system binary; under CI=true its absence fails the run instead of skipping."""
+    path = shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)), None
+    )
+    if path:
+        return path
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{name} is required under CI=true (.ci/run installs it)")
+    pytest.skip(f"{name} not installed")
