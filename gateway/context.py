@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gateway.auth.principal import Principal
@@ -42,8 +42,10 @@ class RequestContext:
     started: float = field(default_factory=time.perf_counter)
     route_class: str = "other"
     principal: Principal | None = None
+    auth_method: str | None = None  # method attempted (basic, api_key, jwt), even if it failed
     model: str | None = None
     body: bytes | None = None  # a bounded JSON body read for authorisation, forwarded as is
+    json: Any = None  # that body parsed (a dict for JSON routes), for later stages to read
     status: int = 0
     outcome: str = "completed"
     error_reason: str = ""
