@@ -6,8 +6,12 @@ serves the real app on 127.0.0.1 with a free port, exactly as `serve` does.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
+import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +89,57 @@ async def gateway(gateway_factory: GatewayFactory, fake: FakeOllama) -> RunningG
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
         yield session
+
+
+@dataclass
+class GatewayProcess:
+    """`python -m gateway serve` as a user runs it, in a subprocess."""
+
+    url: str
+    process: asyncio.subprocess.Process
+    config_path: Path
+    stderr_path: Path
+
+    def stderr_text(self) -> str:
+        """What the gateway logged so far (stderr goes to a file so it can never block)."""
+        return self.stderr_path.read_text(errors="replace")
+
+    def vm_status(self, field: str) -> int:
+        """A /proc/PID/status memory field (VmRSS, VmHWM) in bytes."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        raise KeyError(field)
+
+
+@contextlib.asynccontextmanager
+async def gateway_process(
+    config: dict[str, Any] | Path, tmp_path: Path, *extra_args: str, env: dict[str, str] | None = None
+) -> AsyncIterator[GatewayProcess]:
+    """Start the CLI, wait for its "listening on" line, always kill it afterwards."""
+    if isinstance(config, Path):
+        path = config
+    else:
+        path = tmp_path / "gateway-process.yaml"
+        path.write_text(yaml.safe_dump({"listen": "127.0.0.1:0", **config}, sort_keys=False))
+    stderr_path = tmp_path / f"gateway-{time.monotonic_ns()}.stderr"
+    with stderr_path.open("wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "serve", "--config", str(path), *extra_args,
+            stdout=asyncio.subprocess.PIPE, stderr=stderr, cwd=REPO,
+            env={**os.environ, **(env or {})},
+        )
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+        if "listening on" not in line:
+            await process.wait()
+            raise AssertionError(f"gateway did not start: {line!r} {stderr_path.read_text()!r}")
+        yield GatewayProcess(line.rsplit(" ", 1)[1].strip(), process, path, stderr_path)
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
 
 
 def require_binary(name: str) -> str:
