@@ -1,0 +1,78 @@
+"""The access log: one line per request, built from the RequestContext once it has ended.
+
+It never holds a credential (no headers, no query string: tokens hide there) and never a
+prompt or an answer (no bodies). Strings a caller controls are length-capped; the formatter
+(gateway.logging_setup) escapes them, so a crafted path cannot forge log lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.context import RequestContext
+
+ACCESS_LOGGER = "gateway.access"
+MAX_FIELD = 256  # paths and model names are caller input
+
+
+def _cap(value: str | None) -> str | None:
+    if value is None or len(value) <= MAX_FIELD:
+        return value
+    return value[:MAX_FIELD] + "..."
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def access_fields(ctx: RequestContext, end: float, wall_end: float) -> dict[str, Any]:
+    """The fields of one access line; `end` is perf_counter time, `wall_end` time.time()."""
+    duration = end - ctx.started
+    principal = ctx.principal
+    usage = ctx.usage
+    first_byte = ctx.first_byte_at
+    return {
+        "time": datetime.fromtimestamp(wall_end - duration, UTC).isoformat(
+            timespec="milliseconds"
+        ).replace("+00:00", "Z"),
+        "request_id": ctx.request_id,
+        "client": ctx.client_ip,
+        "user": principal.user if principal else None,
+        "auth_method": principal.method if principal else ctx.auth_method,
+        "credential": principal.credential_id if principal else None,  # a key's name, not a key
+        "method": ctx.method,
+        "path": _cap(ctx.path),
+        "route_class": ctx.route_class,
+        "model": _cap(usage.model if usage and usage.model else ctx.model),
+        "status": ctx.status,
+        "outcome": ctx.outcome,
+        "reason": ctx.error_reason or None,
+        "bytes_in": ctx.bytes_in or (len(ctx.body) if ctx.body is not None else 0),
+        "bytes_out": ctx.bytes_out,
+        "duration_ms": _ms(duration),
+        "ttfb_ms": _ms(first_byte - ctx.started if first_byte is not None else None),
+        "gateway_ms": _ms(ctx.gateway_seconds if ctx.upstream_started is not None else duration),
+        "prompt_tokens": usage.prompt_tokens if usage else None,
+        "completion_tokens": usage.completion_tokens if usage else None,
+    }
+
+
+class AccessLog:
+    """The access-log observer `create_app` registers; the formatter picks JSON or text."""
+
+    __slots__ = ("logger",)
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self.logger = logger or logging.getLogger(ACCESS_LOGGER)
+
+    def __call__(self, ctx: RequestContext) -> None:
+        if not ctx.state.config.logging.access_log or not self.logger.isEnabledFor(logging.INFO):
+            return
+        fields = access_fields(ctx, time.perf_counter(), time.time())
+        self.logger.info(
+            "%s %s %s", fields["method"], fields["path"], fields["status"],
+            extra={"access": fields},
+        )
