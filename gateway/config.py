@@ -164,7 +164,7 @@ class RouteRule:
     """One entry of the ordered route table; exactly one of public/authenticated/roles/deny."""
 
     path: str = required("Path or glob (`/v1/*`).")
-    methods: tuple[str, ...] = doc("HTTP methods this rule covers.", ("GET", "HEAD", "POST"))
+    methods: tuple[str, ...] = doc("HTTP methods this rule covers (`*`: all).", ("*",))
     public: bool = doc("No credentials needed.", False)
     authenticated: bool = doc("Any authenticated principal.", False)
     roles: tuple[str, ...] | None = doc("Principals holding one of these roles.", None)

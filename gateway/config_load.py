@@ -87,8 +87,14 @@ def parse_config(
         if base_dir is not None:
             config = _resolve_paths(config, base_dir)
         # Semantic checks run even after shape problems, so one `check` lists everything.
+        shape_ok = not problems
         for check in (*_BUILTIN_CHECKS, *_CHECKS):
-            problems.extend(check(config))
+            try:
+                problems.extend(check(config))
+            except (AttributeError, TypeError):
+                if shape_ok:  # a check that fails on a well-formed config is a bug: surface it
+                    raise
+                # else a part it reads failed to convert; that is already reported
     if problems:
         raise ConfigError(_first_per_path(problems))
     assert isinstance(config, GatewayConfig)
@@ -367,7 +373,7 @@ def _check_routes(config: GatewayConfig) -> Iterable[Problem]:
         path = f"routes[{i}]"
         if not rule.path.startswith("/"):
             yield Problem(f"{path}.path", "must start with /")
-        bad = [m for m in rule.methods if m.upper() not in HTTP_METHODS]
+        bad = [m for m in rule.methods if m.upper() not in HTTP_METHODS and m != "*"]
         if bad:
             yield Problem(f"{path}.methods", f"unknown method(s): {', '.join(bad)}")
         kinds = [rule.public, rule.authenticated, rule.roles is not None, rule.deny]
@@ -376,3 +382,9 @@ def _check_routes(config: GatewayConfig) -> Iterable[Problem]:
 
 
 _BUILTIN_CHECKS: tuple[Check, ...] = (_check_addresses, _check_roles, _check_routes)
+
+
+# Modules that own a concern register their checks when imported; imported last because
+# they import `register_check` and `Problem` from here.
+import gateway.auth.checks  # noqa: E402,F401  (auth: hashes, htpasswd, keys, jwt)
+import gateway.policy.checks  # noqa: E402,F401  (policy: model globs, route paths, origins)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import shutil
 import sys
@@ -28,6 +29,7 @@ from gateway.config_load import load_config
 from tests.fake_ollama import FakeOllama
 
 REPO = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.redis_server"]  # redis_server / own_redis fixtures (a real redis-server)
 
 
 @dataclass
@@ -59,7 +61,9 @@ async def fake() -> AsyncIterator[FakeOllama]:
 async def gateway_factory(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
     runners: list[web.AppRunner] = []
 
-    async def start(config: dict[str, Any], *, ssl_context: Any = None, **deps: Any) -> RunningGateway:
+    async def start(
+        config: dict[str, Any], *, ssl_context: Any = None, **deps: Any
+    ) -> RunningGateway:
         config = {"listen": "127.0.0.1:0", **config}
         path = tmp_path / f"gateway-{len(runners)}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -79,15 +83,35 @@ async def gateway_factory(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
         await runner.cleanup()
 
 
+# An admin API key for tests that exercise the relay rather than authentication.
+ADMIN_KEY = "ogw_relay-tests-admin-key-0123456789abcdef"
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}"}
+ADMIN_KEY_ENTRY = {
+    "name": "tester",
+    "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(),
+    "roles": ["admin"],
+}
+
+
 @pytest.fixture
 async def gateway(gateway_factory: GatewayFactory, fake: FakeOllama) -> RunningGateway:
-    """A gateway with no credentials configured, in front of `fake`."""
-    return await gateway_factory({"upstream": {"url": fake.url}})
+    """A gateway in front of `fake` with one admin API key (`ADMIN_HEADERS`)."""
+    return await gateway_factory(
+        {"upstream": {"url": fake.url}, "auth": {"api_keys": [ADMIN_KEY_ENTRY]}}
+    )
 
 
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        yield session
+
+
+@pytest.fixture
+async def admin_http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client that sends `ADMIN_HEADERS` on every request."""
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(timeout=timeout, headers=ADMIN_HEADERS) as session:
         yield session
 
 
@@ -114,7 +138,10 @@ class GatewayProcess:
 
 @contextlib.asynccontextmanager
 async def gateway_process(
-    config: dict[str, Any] | Path, tmp_path: Path, *extra_args: str, env: dict[str, str] | None = None
+    config: dict[str, Any] | Path,
+    tmp_path: Path,
+    *extra_args: str,
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[GatewayProcess]:
     """Start the CLI, wait for its "listening on" line, always kill it afterwards."""
     if isinstance(config, Path):
@@ -125,8 +152,16 @@ async def gateway_process(
     stderr_path = tmp_path / f"gateway-{time.monotonic_ns()}.stderr"
     with stderr_path.open("wb") as stderr:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "serve", "--config", str(path), *extra_args,
-            stdout=asyncio.subprocess.PIPE, stderr=stderr, cwd=REPO,
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--config",
+            str(path),
+            *extra_args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
+            cwd=REPO,
             env={**os.environ, **(env or {})},
         )
     try:

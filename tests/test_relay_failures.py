@@ -10,9 +10,11 @@ import aiohttp
 import ollama
 import pytest
 
-from tests.conftest import GatewayFactory, RunningGateway
+from tests.conftest import ADMIN_HEADERS, ADMIN_KEY_ENTRY, GatewayFactory, RunningGateway
 from tests.fake_ollama import FakeOllama
 from tests.test_relay_stream import until
+
+AUTH = {"api_keys": [ADMIN_KEY_ENTRY]}
 
 
 def closed_port() -> int:
@@ -22,12 +24,14 @@ def closed_port() -> int:
 
 
 async def test_client_leaving_a_stream_closes_the_upstream_request(
-    gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+    gateway_factory: GatewayFactory, admin_http: aiohttp.ClientSession
 ) -> None:
     slow = await FakeOllama(chunks=50, chunk_delay=0.05).start()
     try:
-        gw = await gateway_factory({"upstream": {"url": slow.url}})
-        response = await http.post(gw.url + "/api/generate", json={"model": "llama3.2", "prompt": "x"})
+        gw = await gateway_factory({"upstream": {"url": slow.url}, "auth": AUTH})
+        response = await admin_http.post(
+            gw.url + "/api/generate", json={"model": "llama3.2", "prompt": "x"}
+        )
         await response.content.readline()
         response.close()  # the client goes away mid-stream
         gone = await slow.wait_client_gone(timeout=5)
@@ -37,14 +41,17 @@ async def test_client_leaving_a_stream_closes_the_upstream_request(
 
 
 async def test_client_leaving_before_any_byte_closes_the_upstream_request(
-    gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+    gateway_factory: GatewayFactory, admin_http: aiohttp.ClientSession
 ) -> None:
     """A non-streaming request still 'thinking' (model loading) is cancelled too."""
     thinking = await FakeOllama(first_byte_delay=30).start()
     try:
-        gw = await gateway_factory({"upstream": {"url": thinking.url}})
-        task = asyncio.create_task(http.post(
-            gw.url + "/api/generate", json={"model": "llama3.2", "prompt": "x", "stream": False}))
+        gw = await gateway_factory({"upstream": {"url": thinking.url}, "auth": AUTH})
+        task = asyncio.create_task(
+            admin_http.post(
+                gw.url + "/api/generate", json={"model": "llama3.2", "prompt": "x", "stream": False}
+            )
+        )
         await until(lambda: thinking.requests_to("/api/generate"))
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -56,23 +63,27 @@ async def test_client_leaving_before_any_byte_closes_the_upstream_request(
 
 
 async def test_unreachable_upstream_is_502_json(
-    gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+    gateway_factory: GatewayFactory, admin_http: aiohttp.ClientSession
 ) -> None:
-    gw = await gateway_factory({"upstream": {"url": f"http://127.0.0.1:{closed_port()}"}})
-    async with http.get(gw.url + "/api/tags") as response:
+    gw = await gateway_factory(
+        {"upstream": {"url": f"http://127.0.0.1:{closed_port()}"}, "auth": AUTH}
+    )
+    async with admin_http.get(gw.url + "/api/tags") as response:
         assert response.status == 502
         assert response.headers["Content-Type"].startswith("application/json")
         assert await response.json() == {"error": "upstream unreachable"}
 
 
 async def test_upstream_silent_past_read_timeout_is_504_json(
-    gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+    gateway_factory: GatewayFactory, admin_http: aiohttp.ClientSession
 ) -> None:
     slow = await FakeOllama(first_byte_delay=30).start()
     try:
-        gw = await gateway_factory({"upstream": {"url": slow.url, "read_timeout": 0.3}})
+        gw = await gateway_factory(
+            {"upstream": {"url": slow.url, "read_timeout": 0.3}, "auth": AUTH}
+        )
         body = {"model": "llama3.2", "messages": [{"role": "user", "content": "x"}]}
-        async with http.post(gw.url + "/api/chat", json=body) as r:
+        async with admin_http.post(gw.url + "/api/chat", json=body) as r:
             assert r.status == 504
             assert await r.json() == {"error": "upstream timed out"}
     finally:
@@ -80,14 +91,19 @@ async def test_upstream_silent_past_read_timeout_is_504_json(
 
 
 async def test_first_byte_timeout_allows_a_slow_model_load(
-    gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+    gateway_factory: GatewayFactory, admin_http: aiohttp.ClientSession
 ) -> None:
     loading = await FakeOllama(first_byte_delay=0.6).start()
     try:
         gw = await gateway_factory(
-            {"upstream": {"url": loading.url, "read_timeout": 0.3, "first_byte_timeout": 5}})
-        async with http.post(gw.url + "/api/generate",
-                             json={"model": "llama3.2", "prompt": "x"}) as response:
+            {
+                "upstream": {"url": loading.url, "read_timeout": 0.3, "first_byte_timeout": 5},
+                "auth": AUTH,
+            }
+        )
+        async with admin_http.post(
+            gw.url + "/api/generate", json={"model": "llama3.2", "prompt": "x"}
+        ) as response:
             assert response.status == 200
             lines = [json.loads(line) async for line in response.content]
         assert lines[-1]["done"] is True
@@ -96,11 +112,13 @@ async def test_first_byte_timeout_allows_a_slow_model_load(
 
 
 async def test_upstream_hanging_mid_stream_ends_the_client_stream(
-    gateway_factory: GatewayFactory, fake: FakeOllama, http: aiohttp.ClientSession
+    gateway_factory: GatewayFactory, fake: FakeOllama, admin_http: aiohttp.ClientSession
 ) -> None:
     fake.hang_after_chunks = 2
-    gw = await gateway_factory({"upstream": {"url": fake.url, "read_timeout": 0.5}})
-    async with http.post(gw.url + "/api/generate", json={"model": "llama3.2", "prompt": "x"}) as r:
+    gw = await gateway_factory({"upstream": {"url": fake.url, "read_timeout": 0.5}, "auth": AUTH})
+    async with admin_http.post(
+        gw.url + "/api/generate", json={"model": "llama3.2", "prompt": "x"}
+    ) as r:
         assert r.status == 200
         with pytest.raises(aiohttp.ClientPayloadError):
             await asyncio.wait_for(r.read(), 5)  # cut, never a clean end and never a hang
@@ -110,7 +128,7 @@ async def test_upstream_dying_mid_stream_is_an_error_for_the_ollama_client(
     gateway: RunningGateway, fake: FakeOllama
 ) -> None:
     fake.abort_mid_stream_after = 2
-    async with ollama.AsyncClient(host=gateway.url) as client:
+    async with ollama.AsyncClient(host=gateway.url, headers=ADMIN_HEADERS) as client:
         received = []
         with pytest.raises(Exception) as info:  # noqa: B017 - httpx's error type varies by version
             async with asyncio.timeout(5):
@@ -124,7 +142,7 @@ async def test_ollama_mid_stream_error_line_passes_through(
     gateway: RunningGateway, fake: FakeOllama
 ) -> None:
     fake.fail_mid_stream_after = 1
-    async with ollama.AsyncClient(host=gateway.url) as client:
+    async with ollama.AsyncClient(host=gateway.url, headers=ADMIN_HEADERS) as client:
         with pytest.raises(ollama.ResponseError) as info:
             async for _ in await client.generate("llama3.2", "x", stream=True):
                 pass
@@ -134,7 +152,7 @@ async def test_ollama_mid_stream_error_line_passes_through(
 async def test_upstream_error_statuses_pass_through(
     gateway: RunningGateway, fake: FakeOllama
 ) -> None:
-    async with ollama.AsyncClient(host=gateway.url) as client:
+    async with ollama.AsyncClient(host=gateway.url, headers=ADMIN_HEADERS) as client:
         with pytest.raises(ollama.ResponseError) as info:
             await client.show("no-such-model")
         assert info.value.status_code == 404
@@ -142,20 +160,22 @@ async def test_upstream_error_statuses_pass_through(
 
 
 async def test_readyz_probes_version_only(
-    gateway: RunningGateway, fake: FakeOllama, http: aiohttp.ClientSession
+    gateway: RunningGateway, fake: FakeOllama, admin_http: aiohttp.ClientSession
 ) -> None:
-    async with http.get(gateway.url + "/healthz") as response:
+    async with admin_http.get(gateway.url + "/healthz") as response:
         assert response.status == 200
     before = len(fake.requests)
-    async with http.get(gateway.url + "/readyz") as response:
+    async with admin_http.get(gateway.url + "/readyz") as response:
         assert response.status == 200
     assert [r.path for r in fake.requests[before:]] == ["/api/version"]
 
 
 async def test_readyz_is_503_when_upstream_is_down(
-    gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+    gateway_factory: GatewayFactory, admin_http: aiohttp.ClientSession
 ) -> None:
-    gw = await gateway_factory({"upstream": {"url": f"http://127.0.0.1:{closed_port()}"}})
-    async with http.get(gw.url + "/readyz") as response:
+    gw = await gateway_factory(
+        {"upstream": {"url": f"http://127.0.0.1:{closed_port()}"}, "auth": AUTH}
+    )
+    async with admin_http.get(gw.url + "/readyz") as response:
         assert response.status == 503
         assert await response.json() == {"error": "upstream unavailable"}

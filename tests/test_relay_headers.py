@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import aiohttp
 
-from tests.conftest import RunningGateway
+from tests.conftest import ADMIN_HEADERS, RunningGateway
 from tests.fake_ollama import FakeOllama
 
 
 async def test_hop_by_hop_cookie_origin_and_spoofed_forwarding_are_stripped(
-    gateway: RunningGateway, fake: FakeOllama, http: aiohttp.ClientSession
+    gateway: RunningGateway, fake: FakeOllama, admin_http: aiohttp.ClientSession
 ) -> None:
     headers = {
         "Cookie": "session=secret",
@@ -26,12 +26,20 @@ async def test_hop_by_hop_cookie_origin_and_spoofed_forwarding_are_stripped(
         "User-Agent": "ollama-python/0.6.2 (x86_64 linux) Python/3.12.3",
         "X-Custom": "kept",
     }
-    async with http.get(gateway.url + "/api/tags", headers=headers) as response:
+    async with admin_http.get(gateway.url + "/api/tags", headers=headers) as response:
         assert response.status == 200  # the fake's Host and Origin checks passed
         request_id = response.headers["X-Request-Id"]
     seen = fake.requests_to("/api/tags")[-1].headers
-    for name in ("Cookie", "Origin", "Proxy-Authorization", "X-Private-Hop", "Keep-Alive", "TE",
-                 "X-Real-IP", "Forwarded"):
+    for name in (
+        "Cookie",
+        "Origin",
+        "Proxy-Authorization",
+        "X-Private-Hop",
+        "Keep-Alive",
+        "TE",
+        "X-Real-IP",
+        "Forwarded",
+    ):
         assert name not in seen, name
     assert seen["Host"] == fake.url.removeprefix("http://")
     assert seen["X-Forwarded-For"] == "127.0.0.1"
@@ -41,12 +49,10 @@ async def test_hop_by_hop_cookie_origin_and_spoofed_forwarding_are_stripped(
     assert seen["X-Custom"] == "kept"
 
 
-async def test_no_default_headers_are_invented(
-    gateway: RunningGateway, fake: FakeOllama
-) -> None:
+async def test_no_default_headers_are_invented(gateway: RunningGateway, fake: FakeOllama) -> None:
     """aiohttp's client would add User-Agent/Accept/Content-Type: the relay must not."""
     skip = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
-    async with aiohttp.ClientSession(skip_auto_headers=skip) as s:
+    async with aiohttp.ClientSession(skip_auto_headers=skip, headers=ADMIN_HEADERS) as s:
         async with s.post(gateway.url + "/api/show", data=b'{"model":"llama3.2"}') as r:
             assert r.status == 200
     seen = fake.requests_to("/api/show")[-1].headers
@@ -56,22 +62,25 @@ async def test_no_default_headers_are_invented(
 
 
 async def test_sane_request_id_is_kept_and_insane_replaced(
-    gateway: RunningGateway, fake: FakeOllama, http: aiohttp.ClientSession
+    gateway: RunningGateway, fake: FakeOllama, admin_http: aiohttp.ClientSession
 ) -> None:
-    async with http.get(gateway.url + "/api/version", headers={"X-Request-Id": "abc-123"}) as r:
+    async with admin_http.get(
+        gateway.url + "/api/version", headers={"X-Request-Id": "abc-123"}
+    ) as r:
         assert r.headers["X-Request-Id"] == "abc-123"
     assert fake.requests_to("/api/version")[-1].headers["X-Request-Id"] == "abc-123"
-    async with http.get(gateway.url + "/api/version",
-                        headers={"X-Request-Id": "x" * 500 + "\u00e9"}) as r:
+    async with admin_http.get(
+        gateway.url + "/api/version", headers={"X-Request-Id": "x" * 500 + "\u00e9"}
+    ) as r:
         replaced = r.headers["X-Request-Id"]
     assert len(replaced) == 32 and replaced != "abc-123"
 
 
 async def test_upstream_response_hop_by_hop_headers_are_not_relayed(
-    gateway: RunningGateway, http: aiohttp.ClientSession
+    gateway: RunningGateway, admin_http: aiohttp.ClientSession
 ) -> None:
     body = {"model": "llama3.2", "input": "hi", "stream": False}
-    async with http.post(gateway.url + "/v1/responses", json=body) as r:
+    async with admin_http.post(gateway.url + "/v1/responses", json=body) as r:
         assert r.status == 200
         assert r.headers.get("Connection", "keep-alive").lower() == "keep-alive"
         assert "Keep-Alive" not in r.headers

@@ -14,8 +14,13 @@ import openai
 import pytest
 from yarl import URL
 
-from tests.conftest import GatewayFactory, RunningGateway
+from tests.conftest import ADMIN_HEADERS, ADMIN_KEY, ADMIN_KEY_ENTRY, GatewayFactory, RunningGateway
 from tests.fake_ollama import FakeOllama
+
+# Cloud models named explicitly, so the listings this caller sees are complete.
+AUTH = {"api_keys": [ADMIN_KEY_ENTRY]}
+ROLES = {"admin": {"models": ["*", "*:cloud", "*-cloud"]}, "user": {"models": ["*"]}}
+LISTINGS = ("/api/tags", "/api/ps", "/v1/models")
 
 
 async def until(condition: Callable[[], Any], timeout: float = 5.0) -> Any:
@@ -30,44 +35,67 @@ async def until(condition: Callable[[], Any], timeout: float = 5.0) -> Any:
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("GET", "/"), ("HEAD", "/"), ("GET", "/api/version"), ("GET", "/api/tags"),
-     ("GET", "/api/ps"), ("GET", "/v1/models"), ("GET", "/no/such/route"),
-     ("DELETE", "/api/tags"), ("HEAD", "/api/ps")],
+    [
+        ("GET", "/"),
+        ("HEAD", "/"),
+        ("GET", "/api/version"),
+        ("GET", "/api/tags"),
+        ("GET", "/api/ps"),
+        ("GET", "/v1/models"),
+        ("GET", "/no/such/route"),
+        ("DELETE", "/api/tags"),
+        ("HEAD", "/api/ps"),
+    ],
 )
 async def test_status_headers_and_bytes_unchanged(
-    gateway: RunningGateway, fake: FakeOllama, http: aiohttp.ClientSession, method: str, path: str
+    gateway_factory: GatewayFactory,
+    fake: FakeOllama,
+    admin_http: aiohttp.ClientSession,
+    method: str,
+    path: str,
 ) -> None:
-    async with http.request(method, fake.url + path) as direct:
+    # Every route open to the admin, so unknown routes and methods reach Ollama's own 404/405.
+    config = {"upstream": {"url": fake.url}, "auth": AUTH, "roles": ROLES,
+              "routes": [{"path": "/*", "roles": ["admin"]}]}
+    gateway = await gateway_factory(config)
+    async with admin_http.request(method, fake.url + path) as direct:
         direct_body = await direct.read()
-    async with http.request(method, gateway.url + path) as relayed:
+    async with admin_http.request(method, gateway.url + path) as relayed:
         relayed_body = await relayed.read()
     assert relayed.status == direct.status
     assert relayed.headers.get("Content-Type") == direct.headers.get("Content-Type")
-    assert relayed.headers.get("Content-Length") == direct.headers.get("Content-Length")
-    if path not in ("/api/ps",):  # /api/ps carries expiry times that move
+    if path not in LISTINGS:  # listings are rewritten per caller, so sent chunked
+        assert relayed.headers.get("Content-Length") == direct.headers.get("Content-Length")
+    if path != "/api/ps":  # /api/ps carries expiry times that move
         assert relayed_body == direct_body
     assert relayed.headers["X-Request-Id"]
 
 
 async def test_query_string_and_method_pass_unchanged(
-    gateway: RunningGateway, fake: FakeOllama, http: aiohttp.ClientSession
+    gateway: RunningGateway, fake: FakeOllama, admin_http: aiohttp.ClientSession
 ) -> None:
     target = URL(gateway.url + "/api/tags?b=2&a=%2F%20x", encoded=True)
-    async with http.get(target) as response:
+    async with admin_http.get(target) as response:
         assert response.status == 200
     seen = fake.requests_to("/api/tags")[-1]
     assert seen.method == "GET"
     assert seen.query == "b=2&a=%2F%20x"
 
 
-async def test_ollama_client_generate_and_chat_stream(gateway: RunningGateway, fake: FakeOllama) -> None:
-    async with ollama.AsyncClient(host=gateway.url) as client:
+async def test_ollama_client_generate_and_chat_stream(
+    gateway: RunningGateway, fake: FakeOllama
+) -> None:
+    async with ollama.AsyncClient(host=gateway.url, headers=ADMIN_HEADERS) as client:
         parts = [part async for part in await client.generate("llama3.2", "hi", stream=True)]
         assert len(parts) == fake.chunks + 1
         assert parts[-1].done and parts[-1].eval_count == fake.usage[1]
         assert parts[-1].prompt_eval_count == fake.usage[0]
-        chat = [p async for p in await client.chat("llama3.2", [{"role": "user", "content": "x"}],
-                                                   stream=True)]
+        chat = [
+            p
+            async for p in await client.chat(
+                "llama3.2", [{"role": "user", "content": "x"}], stream=True
+            )
+        ]
         assert "".join(p.message.content or "" for p in chat).strip()
         single = await client.chat("llama3.2", [{"role": "user", "content": "x"}], stream=False)
         assert single.done and single.eval_count == fake.usage[1]
@@ -80,7 +108,7 @@ async def test_ollama_client_generate_and_chat_stream(gateway: RunningGateway, f
 async def test_pull_progress_stream_and_delete_with_body(
     gateway: RunningGateway, fake: FakeOllama
 ) -> None:
-    async with ollama.AsyncClient(host=gateway.url) as client:
+    async with ollama.AsyncClient(host=gateway.url, headers=ADMIN_HEADERS) as client:
         statuses = [p.status async for p in await client.pull("mistral", stream=True)]
         assert statuses[0] == "pulling manifest" and statuses[-1] == "success"
         await client.delete("mistral")
@@ -89,7 +117,7 @@ async def test_pull_progress_stream_and_delete_with_body(
 
 
 async def test_openai_sdk_streams_sse_to_done(gateway: RunningGateway, fake: FakeOllama) -> None:
-    client = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+    client = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
     stream = await client.chat.completions.create(
         model="llama3.2", messages=[{"role": "user", "content": "hi"}], stream=True
     )
@@ -101,10 +129,10 @@ async def test_openai_sdk_streams_sse_to_done(gateway: RunningGateway, fake: Fak
 
 
 async def test_sse_bytes_are_identical_to_direct(
-    gateway: RunningGateway, fake: FakeOllama, http: aiohttp.ClientSession
+    gateway: RunningGateway, fake: FakeOllama, admin_http: aiohttp.ClientSession
 ) -> None:
     body = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": True}
-    async with http.post(gateway.url + "/v1/chat/completions", json=body) as response:
+    async with admin_http.post(gateway.url + "/v1/chat/completions", json=body) as response:
         assert response.headers["Content-Type"].startswith("text/event-stream")
         raw = await response.read()
     events = raw.split(b"\n\n")
@@ -113,27 +141,32 @@ async def test_sse_bytes_are_identical_to_direct(
 
 
 async def test_first_chunk_arrives_while_upstream_still_streams(
-    gateway: RunningGateway, fake: FakeOllama, http: aiohttp.ClientSession
+    gateway: RunningGateway, fake: FakeOllama, admin_http: aiohttp.ClientSession
 ) -> None:
     """No buffering: the upstream holds the stream open after one chunk; we still get it."""
     fake.hang_after_chunks = 1
-    async with http.post(gateway.url + "/api/generate",
-                         json={"model": "llama3.2", "prompt": "hi"}) as response:
+    async with admin_http.post(
+        gateway.url + "/api/generate", json={"model": "llama3.2", "prompt": "hi"}
+    ) as response:
         line = await asyncio.wait_for(response.content.readline(), 5)
         assert json.loads(line)["done"] is False
         assert response.headers["Content-Type"] == "application/x-ndjson"
         assert "Content-Length" not in response.headers
 
 
-async def test_chunks_are_not_collected(gateway_factory: GatewayFactory, http: aiohttp.ClientSession) -> None:
+async def test_chunks_are_not_collected(
+    gateway_factory: GatewayFactory, admin_http: aiohttp.ClientSession
+) -> None:
     """With a delay between chunks, the client sees the first long before the last exists."""
     slow = await FakeOllama(chunks=5, chunk_delay=0.25).start()
     try:
-        gw = await gateway_factory({"upstream": {"url": slow.url}})
+        gw = await gateway_factory({"upstream": {"url": slow.url}, "auth": AUTH})
         started = time.perf_counter()
         arrivals = []
-        async with http.post(gw.url + "/api/chat", json={
-            "model": "llama3.2", "messages": [{"role": "user", "content": "x"}]}) as response:
+        async with admin_http.post(
+            gw.url + "/api/chat",
+            json={"model": "llama3.2", "messages": [{"role": "user", "content": "x"}]},
+        ) as response:
             async for _line in response.content:
                 arrivals.append(time.perf_counter() - started)
         assert len(arrivals) == 6

@@ -10,11 +10,20 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import GatewayFactory, RunningGateway, gateway_process, require_binary
+from tests.conftest import (
+    ADMIN_HEADERS,
+    ADMIN_KEY_ENTRY,
+    GatewayFactory,
+    RunningGateway,
+    gateway_process,
+    require_binary,
+)
 from tests.fake_ollama import FakeOllama
 
 GIB = 1 << 30
 BLOCK = 1 << 20
+
+AUTH = {"api_keys": [ADMIN_KEY_ENTRY]}
 
 
 def block(i: int) -> bytes:
@@ -40,10 +49,10 @@ async def test_one_gib_upload_streams_with_bounded_gateway_memory(
 ) -> None:
     blocks = GIB // BLOCK
     digest = await asyncio.to_thread(digest_of, blocks)
-    async with gateway_process({"upstream": {"url": fake.url}}, tmp_path) as gw:
+    async with gateway_process({"upstream": {"url": fake.url}, "auth": AUTH}, tmp_path) as gw:
         rss_before = gw.vm_status("VmRSS")
         timeout = aiohttp.ClientTimeout(total=300)
-        async with aiohttp.ClientSession(timeout=timeout) as http:
+        async with aiohttp.ClientSession(timeout=timeout, headers=ADMIN_HEADERS) as http:
             async with http.post(f"{gw.url}/api/blobs/{digest}", data=generate(blocks)) as r:
                 assert r.status == 201, await r.text()
         peak = gw.vm_status("VmHWM")
@@ -62,8 +71,21 @@ async def test_curl_upload_with_expect_continue_and_content_length(
     blob.write_bytes(content)
     digest = "sha256:" + hashlib.sha256(content).hexdigest()
     proc = await asyncio.create_subprocess_exec(
-        curl, "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-T", str(blob),
-        "-X", "POST", f"{gateway.url}/api/blobs/{digest}", stdout=asyncio.subprocess.PIPE)
+        curl,
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-T",
+        str(blob),
+        "-H",
+        f"Authorization: {ADMIN_HEADERS['Authorization']}",
+        "-X",
+        "POST",
+        f"{gateway.url}/api/blobs/{digest}",
+        stdout=asyncio.subprocess.PIPE,
+    )
     out, _ = await proc.communicate()
     assert out == b"201"
     seen = fake.requests_to(f"/api/blobs/{digest}")[-1]
@@ -73,38 +95,40 @@ async def test_curl_upload_with_expect_continue_and_content_length(
 
 
 async def test_chunked_upload_reaches_upstream_whole(
-    gateway: RunningGateway, fake: FakeOllama, http: aiohttp.ClientSession
+    gateway: RunningGateway, fake: FakeOllama, admin_http: aiohttp.ClientSession
 ) -> None:
     digest = digest_of(8)
-    async with http.post(f"{gateway.url}/api/blobs/{digest}", data=generate(8)) as r:
+    async with admin_http.post(f"{gateway.url}/api/blobs/{digest}", data=generate(8)) as r:
         assert r.status == 201
     assert fake.blobs[digest] == 8 * BLOCK
 
 
 async def test_blob_that_exists_is_answered_early_and_relayed(
-    gateway: RunningGateway, fake: FakeOllama, http: aiohttp.ClientSession
+    gateway: RunningGateway, fake: FakeOllama, admin_http: aiohttp.ClientSession
 ) -> None:
     digest = digest_of(2)
     fake.blobs[digest] = 2 * BLOCK  # Ollama answers 200 without reading the body
-    async with http.head(f"{gateway.url}/api/blobs/{digest}") as r:
+    async with admin_http.head(f"{gateway.url}/api/blobs/{digest}") as r:
         assert r.status == 200
-    async with http.post(f"{gateway.url}/api/blobs/{digest}", data=generate(64)) as r:
+    async with admin_http.post(f"{gateway.url}/api/blobs/{digest}", data=generate(64)) as r:
         assert r.status == 200
 
 
 async def test_digest_mismatch_passes_through_as_400(
-    gateway: RunningGateway, http: aiohttp.ClientSession
+    gateway: RunningGateway, admin_http: aiohttp.ClientSession
 ) -> None:
     wrong = "sha256:" + "0" * 64
-    async with http.post(f"{gateway.url}/api/blobs/{wrong}", data=b"not that") as r:
+    async with admin_http.post(f"{gateway.url}/api/blobs/{wrong}", data=b"not that") as r:
         assert r.status == 400
         assert "digest mismatch" in (await r.json())["error"]
 
 
 async def test_request_body_is_not_size_limited_for_blobs(
-    gateway_factory: GatewayFactory, fake: FakeOllama, http: aiohttp.ClientSession
+    gateway_factory: GatewayFactory, fake: FakeOllama, admin_http: aiohttp.ClientSession
 ) -> None:
-    gw = await gateway_factory({"upstream": {"url": fake.url}, "max_body_bytes": 4096})
+    gw = await gateway_factory(
+        {"upstream": {"url": fake.url}, "auth": AUTH, "max_body_bytes": 4096}
+    )
     digest = digest_of(3)
-    async with http.post(f"{gw.url}/api/blobs/{digest}", data=generate(3)) as r:
+    async with admin_http.post(f"{gw.url}/api/blobs/{digest}", data=generate(3)) as r:
         assert r.status == 201
