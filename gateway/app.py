@@ -9,12 +9,18 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from prometheus_client import CollectorRegistry
 
-from gateway.auth.middleware import authenticate_stage
+from gateway.access_log import AccessLog
+from gateway.auth.middleware import authenticate_stage, close_authenticator
 from gateway.config import GatewayConfig
-from gateway.keys import CONTEXT, HTTP_SESSION, OBSERVERS, STATE
+from gateway.keys import CONTEXT, HTTP_SESSION, LIMITER, METRICS, OBSERVERS, STATE
+from gateway.limits import build_limiter
 from gateway.limits.middleware import admit_stage
+from gateway.metrics import GatewayMetrics
+from gateway.metrics_http import add_metrics_route, in_flight_stage
 from gateway.pipeline import context_stage, errors_stage, observe_stage
+from gateway.policy.cors import add_cors_headers
 from gateway.policy.middleware import authorise_stage, canonical_path_stage, cors_stage
 from gateway.relay import relay, upstream_headers
 from gateway.state import GatewayState, StateHolder
@@ -27,6 +33,7 @@ def build_pipeline() -> list[Middleware]:
     return [
         context_stage,  # request id, client address, config snapshot; never rejects
         observe_stage,  # metrics + access log; outside `errors` so it sees rendered errors
+        in_flight_stage,  # the requests-in-flight gauge, streams included
         errors_stage,  # the only place a GatewayError becomes JSON {"error": ...}
         canonical_path_stage,  # one path form, authorised and forwarded alike; else 400
         cors_stage,  # preflights answered here: browsers send no credentials on them
@@ -39,7 +46,7 @@ def build_pipeline() -> list[Middleware]:
 async def relay_handler(request: web.Request) -> web.StreamResponse:
     ctx = request[CONTEXT]
     headers = upstream_headers(
-        request.headers, ctx, forwarded_proto=request.scheme, forwarded_for=ctx.forwarded_for
+        request.headers, ctx, forwarded_proto=ctx.forwarded_proto, forwarded_for=ctx.forwarded_for
     )
     return await relay(request, ctx, request.app[HTTP_SESSION], ctx.state.config.upstream, headers)
 
@@ -62,7 +69,7 @@ async def readyz(request: web.Request) -> web.Response:
     request.app[UPSTREAM_UP].set(ok)
     if ok:
         return web.json_response({"status": "ready"})
-    return web.json_response({"status": "upstream unavailable"}, status=503)
+    return web.json_response({"error": "upstream unavailable"}, status=503)
 
 
 class UpstreamUp:
@@ -100,14 +107,35 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _limiter(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[LIMITER].close()  # lets in-flight releases land, then drops Redis connections
+
+
 def create_app(config: GatewayConfig, **deps: Any) -> web.Application:
     """Build the gateway. `deps` carries test doubles of external things (clock, ...)."""
-    app = web.Application(middlewares=build_pipeline(), client_max_size=config.max_body_bytes)
+    app = web.Application(
+        middlewares=build_pipeline(),
+        client_max_size=config.max_body_bytes,
+        # Request bodies reach the handler as sent: the relay forwards them with their own
+        # Content-Encoding, and the policy decompresses a bounded copy itself.
+        handler_args={"auto_decompress": False},
+    )
     app[STATE] = StateHolder(GatewayState.build(config, previous=None, **deps))
-    app[OBSERVERS] = []
+    metrics = GatewayMetrics(CollectorRegistry(), user_label=config.metrics.user_label)
+    app[METRICS] = metrics  # a fresh registry per app: no global state between apps
+    app[OBSERVERS] = [metrics.observe, AccessLog()]
     app[UPSTREAM_UP] = UpstreamUp()
+    app[UPSTREAM_UP].listeners.append(metrics.set_upstream_up)
     app.cleanup_ctx.append(_http_session)
+    # Created once per app, not per config: counters survive reloads.
+    app[LIMITER] = build_limiter(config.rate_limits, clock=deps.get("clock"))
+    app[LIMITER].on_store_error.append(metrics.rate_limit_store_error)
+    app.cleanup_ctx.append(_limiter)
+    app.on_cleanup.append(close_authenticator)  # hashing threads + JWKS session
+    app.on_response_prepare.append(add_cors_headers)  # relayed and gateway-made alike
     app.router.add_get("/healthz", healthz, allow_head=True)
     app.router.add_get("/readyz", readyz, allow_head=True)
+    add_metrics_route(app, config.metrics)  # before the catch-all; absent with metrics.listen
     app.router.add_route("*", "/{tail:.*}", relay_handler)
     return app

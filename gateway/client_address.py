@@ -18,7 +18,7 @@ def parse_networks(cidrs: Sequence[str]) -> tuple[Network, ...]:
 
 
 @lru_cache(maxsize=4096)
-def _is_trusted(address: str, networks: tuple[Network, ...]) -> bool:
+def is_trusted(address: str, networks: tuple[Network, ...]) -> bool:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -30,13 +30,20 @@ def resolve_client(
     peer: str, forwarded_for: str | None, trusted: tuple[Network, ...]
 ) -> tuple[str, str]:
     """-> (client address, X-Forwarded-For value to send upstream)."""
-    if not trusted or not forwarded_for or not _is_trusted(peer, trusted):
+    if not trusted or not forwarded_for or not is_trusted(peer, trusted):
         return peer, peer
     hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
     client = peer
     # Walk from the nearest hop outwards; the first address we do not trust is the client.
     for hop in reversed(hops):
         client = hop
-        if not _is_trusted(hop, trusted):
+        if not is_trusted(hop, trusted):
             break
     return client, ", ".join([*hops, peer])
+
+
+def forwarded_proto(peer: str, claimed: str | None, scheme: str, trusted: tuple[Network, ...]) -> str:
+    """The scheme the client used: a trusted proxy's X-Forwarded-Proto, else our own."""
+    if claimed in ("http", "https") and trusted and is_trusted(peer, trusted):
+        return claimed
+    return scheme

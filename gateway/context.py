@@ -39,6 +39,7 @@ class RequestContext:
     query: str
     client_ip: str
     forwarded_for: str = ""  # the X-Forwarded-For chain to send upstream
+    forwarded_proto: str = "http"  # the client's scheme (a trusted proxy's word for it)
     started: float = field(default_factory=time.perf_counter)
     route_class: str = "other"
     principal: Principal | None = None
@@ -55,6 +56,8 @@ class RequestContext:
     first_byte_at: float | None = None
     usage: Usage | None = None
     tap: ResponseTap | None = None  # sees (and may rewrite) the response bytes on the side
+    # Added to the relayed (or gateway-made) response, e.g. RateLimit-* from the admit stage.
+    response_headers: dict[str, str] = field(default_factory=dict)
     gateway_seconds: float = 0.0  # time spent before the request left for the upstream
 
     @property

@@ -10,13 +10,14 @@ import asyncio
 import json
 import logging
 import re
+import time
 import uuid
 from collections.abc import Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gateway.client_address import resolve_client
+from gateway.client_address import forwarded_proto, resolve_client
 from gateway.context import RequestContext
 from gateway.errors import GatewayError
 from gateway.keys import CONTEXT, OBSERVERS, STATE
@@ -50,6 +51,10 @@ async def context_stage(request: web.Request, handler: Handler) -> web.StreamRes
         query=request.rel_url.raw_query_string,
         client_ip=client_ip,
         forwarded_for=forwarded_for,
+        forwarded_proto=forwarded_proto(
+            request.remote or "", request.headers.get("X-Forwarded-Proto"), request.scheme,
+            state.trusted_proxies,
+        ),
     )
     request[CONTEXT] = ctx
     return await handler(request)
@@ -63,6 +68,9 @@ async def observe_stage(request: web.Request, handler: Handler) -> web.StreamRes
         response = await handler(request)
         if not ctx.status:
             ctx.status = response.status
+        if not response.prepared:  # made by the gateway itself: all of its time is ours
+            elapsed_ms = (time.perf_counter() - ctx.started) * 1000
+            response.headers.add("Server-Timing", f"gateway;dur={elapsed_ms:.2f}")
         return response
     except asyncio.CancelledError:
         ctx.outcome = "client_gone"  # aiohttp cancels the handler when the client leaves

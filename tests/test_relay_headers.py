@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import aiohttp
 
-from tests.conftest import ADMIN_HEADERS, RunningGateway
+from tests.conftest import ADMIN_HEADERS, ADMIN_KEY_ENTRY, GatewayFactory, RunningGateway
+
+AUTH = {"api_keys": [ADMIN_KEY_ENTRY]}
 from tests.fake_ollama import FakeOllama
 
 
@@ -84,3 +86,21 @@ async def test_upstream_response_hop_by_hop_headers_are_not_relayed(
         assert r.status == 200
         assert r.headers.get("Connection", "keep-alive").lower() == "keep-alive"
         assert "Keep-Alive" not in r.headers
+
+
+async def test_forwarded_proto_is_believed_only_from_trusted_proxies(
+    gateway_factory: GatewayFactory, fake: FakeOllama, admin_http: aiohttp.ClientSession
+) -> None:
+    spoofed = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.9"}
+    untrusted = await gateway_factory({"upstream": {"url": fake.url}, "auth": AUTH})
+    async with admin_http.get(untrusted.url + "/api/version", headers=spoofed) as r:
+        assert r.status == 200
+    seen = fake.requests_to("/api/version")[-1].headers
+    assert (seen["X-Forwarded-Proto"], seen["X-Forwarded-For"]) == ("http", "127.0.0.1")
+    trusted = await gateway_factory(
+        {"upstream": {"url": fake.url}, "auth": AUTH, "trusted_proxies": ["127.0.0.1/32"]})
+    async with admin_http.get(trusted.url + "/api/version", headers=spoofed) as r:
+        assert r.status == 200
+    seen = fake.requests_to("/api/version")[-1].headers
+    assert seen["X-Forwarded-Proto"] == "https"
+    assert seen["X-Forwarded-For"] == "203.0.113.9, 127.0.0.1"

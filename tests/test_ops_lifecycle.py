@@ -1,0 +1,127 @@
+"""`serve` as a process: the printed address, CLI overrides, SIGTERM drain, pidfile + reload."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.fake_ollama import FakeOllama
+from tests.ops_support import run_cli, running_gateway, write_config
+
+# Public routes: these tests are about the process, not about credentials.
+PUBLIC_ROUTES = [
+    {"path": "/api/generate", "methods": ["POST"], "public": True},
+    {"path": "/api/version", "methods": ["GET"], "public": True},
+]
+CLOSED_PORT_URL = "http://127.0.0.1:9"  # discard port: nothing listens there
+
+
+@pytest.fixture
+async def slow_fake() -> FakeOllama:
+    fake = FakeOllama(chunks=6, chunk_delay=0.15)
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.close()
+
+
+async def test_overrides_win_over_the_file(tmp_path: Path, fake: FakeOllama) -> None:
+    # The file names a non-loopback address (with no credentials: refused on its own) and an
+    # upstream that does not answer; secure defaults judge the address really listened on.
+    config = write_config(tmp_path / "gateway.yaml", {
+        "listen": "203.0.113.1:1", "upstream": {"url": CLOSED_PORT_URL}, "routes": PUBLIC_ROUTES,
+    })
+    async with running_gateway(
+        "--config", str(config), "--listen", "127.0.0.1:0", "--upstream", fake.url
+    ) as gw:
+        assert gw.url.startswith("http://127.0.0.1:")
+        assert not gw.url.endswith(":0")
+        async with aiohttp.ClientSession() as http, http.get(f"{gw.url}/api/version") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["version"] == fake.version
+        assert len(fake.requests_to("/api/version")) == 1
+        # Exactly one line on stdout says where it listens.
+        assert sum("listening on" in line for line in gw.lines) == 1
+
+
+async def test_bad_override_is_refused(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "gateway.yaml", {"routes": PUBLIC_ROUTES})
+    code, _out, err = await run_cli(
+        "serve", "--config", str(config), "--listen", "nowhere", "--upstream", "ftp://x"
+    )
+    assert code == 2
+    assert "--listen: must be HOST:PORT" in err
+    assert "--upstream: must be an http:// or https:// URL" in err
+
+
+async def test_sigterm_lets_the_stream_finish_and_refuses_new_connections(
+    tmp_path: Path, slow_fake: FakeOllama
+) -> None:
+    config = write_config(tmp_path / "gateway.yaml", {
+        "upstream": {"url": slow_fake.url}, "routes": PUBLIC_ROUTES, "shutdown_grace": 20,
+    })
+    async with running_gateway("--config", str(config), "--listen", "127.0.0.1:0") as gw:
+        async with aiohttp.ClientSession() as http:
+            body = {"model": "llama3.2", "prompt": "tell me a story"}
+            async with http.post(f"{gw.url}/api/generate", json=body) as resp:
+                assert resp.status == 200
+                first = await resp.content.readline()
+                assert json.loads(first)["done"] is False  # the stream is under way
+
+                gw.send(signal.SIGTERM)
+                await gw.wait_line("no longer accepting connections")
+                # The listening socket is closed: a new client is refused at once...
+                async with aiohttp.ClientSession() as other:
+                    with pytest.raises(aiohttp.ClientConnectorError):
+                        await other.get(f"{gw.url}/healthz")
+                assert gw.proc.returncode is None  # ...while the stream goes on
+                rest = await resp.content.read()
+
+        records = [json.loads(line) for line in [first, *rest.splitlines()] if line.strip()]
+        assert len(records) == slow_fake.chunks + 1
+        assert records[-1]["done"] is True
+        assert records[-1]["done_reason"] == "stop"
+        assert await gw.wait_exit() == 0
+
+
+async def test_sigterm_cancels_what_outlives_the_grace(
+    tmp_path: Path, fake: FakeOllama
+) -> None:
+    fake.hang_after_chunks = 1  # a stream that would never end
+    config = write_config(tmp_path / "gateway.yaml", {
+        "upstream": {"url": fake.url}, "routes": PUBLIC_ROUTES, "shutdown_grace": 0.5,
+    })
+    async with running_gateway("--config", str(config)) as gw:
+        async with aiohttp.ClientSession() as http:
+            body = {"model": "llama3.2", "prompt": "hi"}
+            async with http.post(f"{gw.url}/api/generate", json=body) as resp:
+                await resp.content.readline()
+                gw.send(signal.SIGTERM)
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await resp.content.read()  # cut after the grace, without a done record
+        assert await gw.wait_exit(wait_s=10) == 0
+        # The upstream request was closed too (Ollama stops generating).
+        await fake.wait_client_gone()
+
+
+async def test_reload_command_with_pidfile(tmp_path: Path, fake: FakeOllama) -> None:
+    config = write_config(tmp_path / "gateway.yaml", {"upstream": {"url": fake.url}})
+    pidfile = tmp_path / "gateway.pid"
+    async with running_gateway("--config", str(config), "--pidfile", str(pidfile)) as gw:
+        assert int(pidfile.read_text()) == gw.proc.pid
+        code, out, _err = await run_cli("reload", "--pidfile", str(pidfile))
+        assert code == 0, out
+        assert f"sent SIGHUP to {gw.proc.pid}" in out
+        await gw.wait_line(r"config reloaded from .* \(generation 1\)")
+        gw.send(signal.SIGTERM)
+        assert await gw.wait_exit() == 0
+    assert not pidfile.exists()  # removed on exit
+
+    code, _out, err = await run_cli("reload", "--pidfile", str(pidfile))
+    assert code == 1
+    assert "cannot read a pid" in err
