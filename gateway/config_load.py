@@ -388,3 +388,4 @@ _BUILTIN_CHECKS: tuple[Check, ...] = (_check_addresses, _check_roles, _check_rou
 # they import `register_check` and `Problem` from here.
 import gateway.auth.checks  # noqa: E402,F401  (auth: hashes, htpasswd, keys, jwt)
 import gateway.policy.checks  # noqa: E402,F401  (policy: model globs, route paths, origins)
+import gateway.limits.checks  # noqa: E402,F401  (limits: positive values, redis extra)

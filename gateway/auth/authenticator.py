@@ -1,31 +1,131 @@
-"""PLACEHOLDER until the authentication issue lands: credentials are refused."""
+"""The Authenticator: request headers -> Principal, or a 401/429. It never knows routes.
+
+Built from one config (cheap and synchronous: the only I/O is reading the htpasswd file
+and a PEM public key); rebuilt on every reload with a fresh verified-password cache.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
 from typing import Any
 
 from multidict import CIMultiDictProxy
 
+from gateway.auth.api_keys import ApiKeyTable
+from gateway.auth.basic import BasicVerifier
+from gateway.auth.cache import VerifiedCache
+from gateway.auth.credentials import Attempt, read_attempt
+from gateway.auth.failure import AuthFailure
+from gateway.auth.lockout import Lockout
 from gateway.auth.principal import Principal
+from gateway.auth.resources import AuthResources
+from gateway.auth.tokens import JwtVerifier
 from gateway.config import GatewayConfig
-from gateway.errors import Unauthorized
+from gateway.errors import TooManyRequests, Unauthorized
 
 
 class Authenticator:
-    def __init__(self, config: GatewayConfig) -> None:
-        self.realm = config.auth.realm
+    """Verifies Basic, API key and JWT credentials per `config.auth`.
+
+    `clock` (epoch seconds, default `time.time`) drives key/token expiry, the password
+    cache, lockouts and JWKS refreshes, so tests never sleep to a deadline.
+    """
+
+    __slots__ = ("realm", "_challenge", "basic", "_keys", "jwt", "_lockout", "_resources")
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        clock: Callable[[], float],
+        resources: AuthResources,
+        lockout: Lockout,
+    ) -> None:
+        auth = config.auth
+        self.realm = auth.realm
+        realm = auth.realm.replace("\\", "\\\\").replace('"', '\\"')  # a quoted-string
+        self._challenge = {"WWW-Authenticate": f'Basic realm="{realm}"'}
+        self._resources = resources
+        self._lockout = lockout
+        self.basic = BasicVerifier(auth, resources=resources, clock=clock)
+        self._keys = ApiKeyTable(auth.api_keys, clock=clock)
+        self.jwt = (
+            JwtVerifier(
+                auth.jwt,
+                resources=resources,
+                clock=clock,
+                cache=VerifiedCache(ttl=auth.cache_seconds, max_size=auth.cache_size, clock=clock),
+            )
+            if auth.jwt
+            else None
+        )
 
     @classmethod
     def from_config(
-        cls, config: GatewayConfig, *, previous: Authenticator | None = None, **_: Any
+        cls,
+        config: GatewayConfig,
+        *,
+        previous: Authenticator | None = None,
+        **deps: Any,
     ) -> Authenticator:
-        return cls(config)
+        """`deps` may carry `clock`; other components' test doubles are ignored."""
+        clock: Callable[[], float] = deps.get("clock") or time.time
+        lockout_config = config.auth.lockout
+        if previous is None:
+            return cls(
+                config,
+                clock=clock,
+                resources=AuthResources(),
+                lockout=Lockout(lockout_config, clock=clock),
+            )
+        # Shared: threads, the JWKS session and lockouts. Never the password cache.
+        return cls(
+            config,
+            clock=clock,
+            resources=previous._resources,
+            lockout=previous._lockout.handover(lockout_config, clock),
+        )
+
+    def read_attempt(self, headers: CIMultiDictProxy[str]) -> Attempt | None:
+        """What the request tries (for metrics even when it fails); None: no credentials."""
+        return read_attempt(headers, jwt_enabled=self.jwt is not None)
 
     async def authenticate(
         self, headers: CIMultiDictProxy[str], client_ip: str
     ) -> Principal | None:
-        if "Authorization" in headers or "X-API-Key" in headers:
-            raise Unauthorized(
-                "invalid credentials", headers={"WWW-Authenticate": f'Basic realm="{self.realm}"'}
+        """None when the request carries no credentials at all; else a Principal or raise."""
+        attempt = self.read_attempt(headers)
+        if attempt is None:
+            return None
+        return await self.verify(attempt, client_ip)
+
+    async def verify(self, attempt: Attempt, client_ip: str) -> Principal:
+        retry_after = self._lockout.retry_after(client_ip)
+        if retry_after is not None:  # brute force: refused before any hash is spent
+            raise TooManyRequests(
+                "too many failed logins; try again later",
+                reason="locked_out",
+                headers={"Retry-After": str(retry_after)},
             )
-        return None
+        try:
+            if attempt.problem is not None:
+                raise AuthFailure(attempt.problem)
+            if attempt.method == "basic":
+                return await self.basic.verify(attempt.value)
+            if attempt.method == "jwt" and self.jwt is not None:
+                return await self.jwt.verify(attempt.value)
+            return self._keys.verify(attempt.value)
+        except AuthFailure as failure:
+            delay = self._lockout.failure(client_ip)
+            if delay > 0:
+                await asyncio.sleep(delay)  # slows guessing; costs us only a timer
+            # `from None`: no chained exception that could carry a credential into a log.
+            raise Unauthorized(
+                failure.message, reason=failure.reason, headers=self._challenge
+            ) from None
+
+    async def close(self) -> None:
+        """Release threads and the JWKS session (shared with earlier generations)."""
+        await self._resources.close()
