@@ -8,9 +8,14 @@ from aiohttp import web
 from collections.abc import Callable
 
 from gateway.context import RequestContext
+from gateway.limits import Limiter
+from gateway.metrics import GatewayMetrics
 from gateway.state import StateHolder
 
 STATE = web.AppKey("state", StateHolder)  # the current GatewayState, swapped on reload
 HTTP_SESSION = web.AppKey("http_session", aiohttp.ClientSession)  # pooled upstream session
 CONTEXT = web.RequestKey("context", RequestContext)
 OBSERVERS = web.AppKey("observers", list[Callable[[RequestContext], None]])  # metrics, access log
+METRICS = web.AppKey("metrics", GatewayMetrics)  # this app's series and registry
+# Limit counters; outlive config reloads. (A Protocol: typed by annotation, not argument.)
+LIMITER: web.AppKey[Limiter] = web.AppKey("limiter")

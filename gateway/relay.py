@@ -154,12 +154,11 @@ async def relay(
         data = request.content  # streamed: a 10 GB blob upload passes with flat memory
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
-    loop = asyncio.get_running_loop()
     first_byte_budget = upstream.first_byte_timeout or upstream.read_timeout
     ctx.upstream_started = time.perf_counter()
     ctx.gateway_seconds = ctx.upstream_started - ctx.started
     try:
-        async with asyncio.timeout(loop.time() + first_byte_budget) as deadline:
+        async with asyncio.timeout(first_byte_budget) as deadline:
             upstream_response = await session.request(
                 request.method, url, headers=headers, data=data,
                 timeout=client_timeout(upstream), allow_redirects=False, auto_decompress=False,
@@ -200,6 +199,9 @@ async def _stream_back(
         headers=response_headers(upstream_response.headers, keep_length=not rewrites),
     )
     response.headers["X-Request-Id"] = ctx.request_id
+    if ctx.response_headers:  # the gateway's own (RateLimit-*) win over upstream's
+        response.headers.update(ctx.response_headers)
+    response.headers.add("Server-Timing", f"gateway;dur={ctx.gateway_seconds * 1000:.2f}")
     ctx.status = upstream_response.status
     loop = asyncio.get_running_loop()
     content = upstream_response.content
