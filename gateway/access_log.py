@@ -35,9 +35,9 @@ def access_fields(ctx: RequestContext, end: float, wall_end: float) -> dict[str,
     usage = ctx.usage
     first_byte = ctx.first_byte_at
     return {
-        "time": datetime.fromtimestamp(wall_end - duration, UTC).isoformat(
-            timespec="milliseconds"
-        ).replace("+00:00", "Z"),
+        "time": datetime.fromtimestamp(wall_end - duration, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z"),
         "request_id": ctx.request_id,
         "client": ctx.client_ip,
         "user": principal.user if principal else None,
@@ -73,6 +73,9 @@ class AccessLog:
             return
         fields = access_fields(ctx, time.perf_counter(), time.time())
         self.logger.info(
-            "%s %s %s", fields["method"], fields["path"], fields["status"],
+            "%s %s %s",
+            fields["method"],
+            fields["path"],
+            fields["status"],
             extra={"access": fields},
         )

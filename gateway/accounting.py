@@ -23,7 +23,12 @@ from gateway.context import RequestContext, Usage
 from gateway.relay import add_tap
 
 NATIVE, NATIVE_EMBED, OPENAI, OPENAI_EMBED, RESPONSES, ANTHROPIC = (
-    "native", "native_embed", "openai", "openai_embed", "responses", "anthropic"
+    "native",
+    "native_embed",
+    "openai",
+    "openai_embed",
+    "responses",
+    "anthropic",
 )
 INFERENCE_ROUTES: dict[str, str] = {
     "/api/generate": NATIVE,
@@ -75,8 +80,17 @@ def _count(value: Any) -> int:
 class UsageTap:
     """Reads usage without touching the bytes: `feed` returns the very chunk it was given."""
 
-    __slots__ = ("ctx", "kind", "rewrites", "_mode", "_markers", "_held", "_held_len",
-                 "_tail", "_usage")
+    __slots__ = (
+        "ctx",
+        "kind",
+        "rewrites",
+        "_mode",
+        "_markers",
+        "_held",
+        "_held_len",
+        "_tail",
+        "_usage",
+    )
 
     def __init__(self, ctx: RequestContext, kind: str) -> None:
         self.ctx = ctx
@@ -150,7 +164,7 @@ class UsageTap:
                 self._line(block[start:line_end])
                 at = block.find(marker, line_end, stop)
         if newline + 1 < len(chunk):
-            self._hold(chunk[newline + 1:])
+            self._hold(chunk[newline + 1 :])
 
     def _hold(self, part: bytes) -> None:
         self._held.append(part)
@@ -183,21 +197,28 @@ class UsageTap:
             if record.get("done") is True or "prompt_eval_count" in record:
                 eval_ns = _count(record.get("eval_duration"))
                 self._set(
-                    _count(record.get("prompt_eval_count")), _count(record.get("eval_count")),
+                    _count(record.get("prompt_eval_count")),
+                    _count(record.get("eval_count")),
                     record.get("model"),
                     eval_ns / 1e9 if eval_ns else None,
                 )
         elif kind in (OPENAI, OPENAI_EMBED):
             usage = record.get("usage")
             if isinstance(usage, dict):
-                self._set(_count(usage.get("prompt_tokens")),
-                          _count(usage.get("completion_tokens")), record.get("model"))
+                self._set(
+                    _count(usage.get("prompt_tokens")),
+                    _count(usage.get("completion_tokens")),
+                    record.get("model"),
+                )
         elif kind == RESPONSES:
             response = record.get("response") if "response" in record else record
             usage = response.get("usage") if isinstance(response, dict) else None
             if isinstance(usage, dict) and isinstance(response, dict):
-                self._set(_count(usage.get("input_tokens")), _count(usage.get("output_tokens")),
-                          response.get("model"))
+                self._set(
+                    _count(usage.get("input_tokens")),
+                    _count(usage.get("output_tokens")),
+                    response.get("model"),
+                )
         elif kind == ANTHROPIC:
             self._absorb_anthropic(record)
 
@@ -222,11 +243,13 @@ class UsageTap:
         prompts = prompt_re.findall(tail)
         completions = completion_re.findall(tail) if completion_re is not None else []
         if prompts or completions:
-            self._set(int(prompts[-1]) if prompts else 0,
-                      int(completions[-1]) if completions else 0, None)
+            self._set(
+                int(prompts[-1]) if prompts else 0, int(completions[-1]) if completions else 0, None
+            )
 
-    def _set(self, prompt: int, completion: int, model: Any, eval_seconds: float | None = None
-             ) -> None:
+    def _set(
+        self, prompt: int, completion: int, model: Any, eval_seconds: float | None = None
+    ) -> None:
         usage = self._usage
         if usage is None:
             usage = self._usage = Usage()
@@ -353,7 +376,7 @@ def _remove_usage(line: bytes) -> bytes:
         elif byte == 0x7D:  # }
             depth -= 1
             if depth == 0:
-                return line[:start] + line[i + 1:]
+                return line[:start] + line[i + 1 :]
     return line
 
 

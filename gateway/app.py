@@ -19,7 +19,7 @@ from gateway.limits import build_limiter
 from gateway.limits.middleware import admit_stage
 from gateway.metrics import GatewayMetrics
 from gateway.metrics_http import add_metrics_route, in_flight_stage
-from gateway.pipeline import context_stage, errors_stage, observe_stage
+from gateway.pipeline import Observer, context_stage, errors_stage, observe_stage
 from gateway.policy.cors import add_cors_headers
 from gateway.policy.middleware import authorise_stage, canonical_path_stage, cors_stage
 from gateway.relay import relay, upstream_headers
@@ -124,7 +124,8 @@ def create_app(config: GatewayConfig, **deps: Any) -> web.Application:
     app[STATE] = StateHolder(GatewayState.build(config, previous=None, **deps))
     metrics = GatewayMetrics(CollectorRegistry(), user_label=config.metrics.user_label)
     app[METRICS] = metrics  # a fresh registry per app: no global state between apps
-    app[OBSERVERS] = [metrics.observe, AccessLog()]
+    observers: list[Observer] = [metrics.observe, AccessLog()]
+    app[OBSERVERS] = observers
     app[UPSTREAM_UP] = UpstreamUp()
     app[UPSTREAM_UP].listeners.append(metrics.set_upstream_up)
     app.cleanup_ctx.append(_http_session)

@@ -42,7 +42,9 @@ def resolve_client(
     return client, ", ".join([*hops, peer])
 
 
-def forwarded_proto(peer: str, claimed: str | None, scheme: str, trusted: tuple[Network, ...]) -> str:
+def forwarded_proto(
+    peer: str, claimed: str | None, scheme: str, trusted: tuple[Network, ...]
+) -> str:
     """The scheme the client used: a trusted proxy's X-Forwarded-Proto, else our own."""
     if claimed in ("http", "https") and trusted and is_trusted(peer, trusted):
         return claimed

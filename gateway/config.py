@@ -86,7 +86,9 @@ class LimitsConfig:
     burst: int | None = doc(
         "Requests allowed at once on top of the smooth rate (default: rate/6, at least 1).", None
     )
-    concurrency: int | None = doc("Requests in flight at once (a stream counts until it ends).", None)
+    concurrency: int | None = doc(
+        "Requests in flight at once (a stream counts until it ends).", None
+    )
     tokens_per_minute: int | None = doc("Prompt + completion tokens per rolling minute.", None)
     tokens_per_day: int | None = doc("Prompt + completion tokens per rolling day.", None)
 
@@ -115,7 +117,9 @@ class JWTConfig:
     algorithms: tuple[str, ...] = doc("Accepted algorithms: HS*, RS*, PS*, ES*, EdDSA.", ("HS256",))
     secret: Secret | None = doc("Shared secret for HS* (at least 32 bytes).", None)
     public_key: str | None = doc("PEM public key file for RS*/PS*/ES*/EdDSA.", None)
-    private_key: str | None = doc("PEM private key file; only `ollama-gateway token` uses it.", None)
+    private_key: str | None = doc(
+        "PEM private key file; only `ollama-gateway token` uses it.", None
+    )
     jwks_url: str | None = doc("JWKS endpoint, fetched and cached; refreshed on unknown kid.", None)
     jwks_cache_seconds: float = doc("How long fetched JWKS keys are trusted.", 3600.0)
     jwks_min_refresh_seconds: float = doc("Least time between two JWKS refetches.", 30.0)
@@ -215,7 +219,9 @@ class GatewayConfig:
         DEFAULT_MAX_BODY_BYTES,
     )
     trusted_proxies: tuple[str, ...] = doc("CIDRs whose X-Forwarded-For is believed.", ())
-    shutdown_grace: float = doc("Seconds SIGTERM waits for in-flight streams.", DEFAULT_SHUTDOWN_GRACE)
+    shutdown_grace: float = doc(
+        "Seconds SIGTERM waits for in-flight streams.", DEFAULT_SHUTDOWN_GRACE
+    )
     auth: AuthConfig = doc_factory("Who may call.", AuthConfig)
     roles: dict[str, RoleConfig] = doc_factory(
         "Roles: model globs and limits (default: `user` and `admin`, all models).", _default_roles

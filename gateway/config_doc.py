@@ -70,7 +70,7 @@ def _inner_dataclass(tp: Any) -> Any:
 
 def rows(cls: type = GatewayConfig, prefix: str = "") -> Iterator[tuple[str, str, str, str]]:
     hints = get_type_hints(cls)
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for f in dataclasses.fields(cls):
         tp = hints[f.name]
         bare = tp
         if get_origin(bare) in (Union, types.UnionType):  # Optional[X] -> X

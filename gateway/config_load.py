@@ -56,7 +56,9 @@ def register_check(check: Check) -> Check:
     return check
 
 
-def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> GatewayConfig:
+def load_config(
+    path: str | os.PathLike[str], env: Mapping[str, str] | None = None
+) -> GatewayConfig:
     """Read, expand, convert and validate; raise ConfigError listing every problem."""
     file = Path(path)
     try:
@@ -147,7 +149,7 @@ def _convert(value: Any, tp: Any, path: str, problems: list[Problem]) -> Any:
         if value is None:
             return None
         return _convert(value, args[0], path, problems)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _convert_dataclass(value, tp, path, problems)
     if origin is Literal:
         allowed = get_args(tp)
@@ -346,7 +348,9 @@ def _check_addresses(config: GatewayConfig) -> Iterable[Problem]:
     if config.rate_limits.store != "memory" and not re.match(
         r"(rediss?|unix)://", config.rate_limits.store
     ):
-        yield Problem("rate_limits.store", "must be `memory` or a redis://, rediss:// or unix:// URL")
+        yield Problem(
+            "rate_limits.store", "must be `memory` or a redis://, rediss:// or unix:// URL"
+        )
 
 
 def _check_roles(config: GatewayConfig) -> Iterable[Problem]:
@@ -387,5 +391,5 @@ _BUILTIN_CHECKS: tuple[Check, ...] = (_check_addresses, _check_roles, _check_rou
 # Modules that own a concern register their checks when imported; imported last because
 # they import `register_check` and `Problem` from here.
 import gateway.auth.checks  # noqa: E402,F401  (auth: hashes, htpasswd, keys, jwt)
-import gateway.policy.checks  # noqa: E402,F401  (policy: model globs, route paths, origins)
 import gateway.limits.checks  # noqa: E402,F401  (limits: positive values, redis extra)
+import gateway.policy.checks  # noqa: E402,F401  (policy: model globs, route paths, origins)

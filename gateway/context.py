@@ -63,4 +63,3 @@ class RequestContext:
     @property
     def user(self) -> str | None:
         return self.principal.user if self.principal else None
-

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import aiohttp
 from aiohttp import web
-
-from collections.abc import Callable
 
 from gateway.context import RequestContext
 from gateway.limits import Limiter

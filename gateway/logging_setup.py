@@ -28,7 +28,8 @@ _handler: logging.Handler | None = None
 
 def _iso(created: float) -> str:
     return (
-        datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+        datetime.fromtimestamp(created, UTC)
+        .isoformat(timespec="milliseconds")
         .replace("+00:00", "Z")
     )
 

@@ -23,15 +23,59 @@ if TYPE_CHECKING:
 # LLM work spans milliseconds (tags, version) to many minutes (cold loads, long generations,
 # model pulls), so the buckets do too.
 LATENCY_BUCKETS = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
-    120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1200.0,
+    1800.0,
+    3600.0,
 )
 # What the gateway itself adds: sub-millisecond normally, up to ~1 s for a cold bcrypt check.
 OVERHEAD_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
 )
 TOKENS_PER_SECOND_BUCKETS = (
-    1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 200.0, 300.0, 500.0, 1000.0,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+    50.0,
+    75.0,
+    100.0,
+    150.0,
+    200.0,
+    300.0,
+    500.0,
+    1000.0,
     2000.0,
 )
 
@@ -90,66 +134,90 @@ class GatewayMetrics:
         user = ("user",) if user_label else ()
         r = registry
         self.requests = Counter(
-            "ollama_gateway_requests", "Requests answered, by route class, method and status.",
-            ("route_class", "method", "status", *user), registry=r,
+            "ollama_gateway_requests",
+            "Requests answered, by route class, method and status.",
+            ("route_class", "method", "status", *user),
+            registry=r,
         )
         self.request_duration = Histogram(
             "ollama_gateway_request_duration_seconds",
             "Time from the request's arrival to the end of its response (streams included).",
-            ("route_class",), buckets=LATENCY_BUCKETS, registry=r,
+            ("route_class",),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.upstream_ttfb = Histogram(
             "ollama_gateway_upstream_ttfb_seconds",
             "Time from sending the request upstream to the upstream's response headers.",
-            ("route_class",), buckets=LATENCY_BUCKETS, registry=r,
+            ("route_class",),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.overhead = Histogram(
             "ollama_gateway_overhead_seconds",
             "Latency the gateway adds before a request leaves for the upstream.",
-            ("route_class",), buckets=OVERHEAD_BUCKETS, registry=r,
+            ("route_class",),
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
         )
         self.in_flight = Gauge(
-            "ollama_gateway_requests_in_flight", "Requests being served now (streams included).",
+            "ollama_gateway_requests_in_flight",
+            "Requests being served now (streams included).",
             registry=r,
         )
         self.request_bytes = Counter(
-            "ollama_gateway_request_bytes", "Request body bytes received.", ("route_class",),
+            "ollama_gateway_request_bytes",
+            "Request body bytes received.",
+            ("route_class",),
             registry=r,
         )
         self.response_bytes = Counter(
-            "ollama_gateway_response_bytes", "Response body bytes sent.", ("route_class",),
+            "ollama_gateway_response_bytes",
+            "Response body bytes sent.",
+            ("route_class",),
             registry=r,
         )
         self.tokens = Counter(
             "ollama_gateway_tokens",
             "Tokens the upstream reported in its final records, by model and kind.",
-            (*user, "model", "kind"), registry=r,
+            (*user, "model", "kind"),
+            registry=r,
         )
         self.tokens_per_second = Histogram(
             "ollama_gateway_generation_tokens_per_second",
             "Completion tokens per second of upstream evaluation (native routes).",
-            ("model",), buckets=TOKENS_PER_SECOND_BUCKETS, registry=r,
+            ("model",),
+            buckets=TOKENS_PER_SECOND_BUCKETS,
+            registry=r,
         )
         self.auth_failures = Counter(
-            "ollama_gateway_auth_failures", "Requests refused with 401, by method and reason.",
-            ("method", "reason"), registry=r,
+            "ollama_gateway_auth_failures",
+            "Requests refused with 401, by method and reason.",
+            ("method", "reason"),
+            registry=r,
         )
         self.rate_limited = Counter(
-            "ollama_gateway_rate_limited", "Requests refused with 429, by the limit hit.",
-            ("limit",), registry=r,
+            "ollama_gateway_rate_limited",
+            "Requests refused with 429, by the limit hit.",
+            ("limit",),
+            registry=r,
         )
         self.rate_limit_store_errors = Counter(
             "ollama_gateway_rate_limit_store_errors",
-            "Failures of the rate-limit store (Redis unreachable...).", registry=r,
+            "Failures of the rate-limit store (Redis unreachable...).",
+            registry=r,
         )
         self.upstream_errors = Counter(
             "ollama_gateway_upstream_errors",
-            "Upstream failures: refused, timeout, reset (also mid-stream).", ("kind",),
+            "Upstream failures: refused, timeout, reset (also mid-stream).",
+            ("kind",),
             registry=r,
         )
         self.client_disconnects = Counter(
             "ollama_gateway_client_disconnects",
-            "Clients that left before their response ended.", ("route_class",), registry=r,
+            "Clients that left before their response ended.",
+            ("route_class",),
+            registry=r,
         )
         self.upstream_up = Gauge(
             "ollama_gateway_upstream_up",
@@ -158,8 +226,10 @@ class GatewayMetrics:
             registry=r,
         )
         self.config_reloads = Counter(
-            "ollama_gateway_config_reloads", "Config reloads by result (success, failure).",
-            ("result",), registry=r,
+            "ollama_gateway_config_reloads",
+            "Config reloads by result (success, failure).",
+            ("result",),
+            registry=r,
         )
         self.build_info = Info("ollama_gateway_build", "Gateway build.", registry=r)
         self.build_info.info({"version": gateway.__version__, "python": platform.python_version()})
@@ -250,9 +320,7 @@ class GatewayMetrics:
             if usage.prompt_tokens:
                 self._child(self.tokens, *prefix, model, "prompt").inc(usage.prompt_tokens)
             if usage.completion_tokens:
-                self._child(self.tokens, *prefix, model, "completion").inc(
-                    usage.completion_tokens
-                )
+                self._child(self.tokens, *prefix, model, "completion").inc(usage.completion_tokens)
             if usage.eval_seconds and usage.completion_tokens:
                 speed = usage.completion_tokens / usage.eval_seconds
                 self._child(self.tokens_per_second, model).observe(speed)

@@ -26,7 +26,8 @@ def authorise_metrics(ctx: RequestContext, metrics: MetricsConfig) -> None:
     if principal is None:
         realm = ctx.state.config.auth.realm
         raise Unauthorized(
-            "authentication required", reason="missing",
+            "authentication required",
+            reason="missing",
             headers={"WWW-Authenticate": f'Basic realm="{realm}"'},
         )
     if not principal.roles & frozenset(metrics.roles):
@@ -37,8 +38,9 @@ async def metrics_handler(request: web.Request) -> web.Response:
     ctx = request[CONTEXT]
     authorise_metrics(ctx, ctx.state.config.metrics)
     if request.method not in ("GET", "HEAD"):  # the path is ours for every method: no relay
-        raise GatewayError("method not allowed", reason="method", status=405,
-                           headers={"Allow": "GET, HEAD"})
+        raise GatewayError(
+            "method not allowed", reason="method", status=405, headers={"Allow": "GET, HEAD"}
+        )
     encode, content_type = choose_encoder(request.headers.get("Accept", ""))
     # Off the loop: a big registry (many users x routes) takes a while to render.
     body = await asyncio.to_thread(encode, request.app[METRICS].registry)

@@ -52,7 +52,9 @@ async def context_stage(request: web.Request, handler: Handler) -> web.StreamRes
         client_ip=client_ip,
         forwarded_for=forwarded_for,
         forwarded_proto=forwarded_proto(
-            request.remote or "", request.headers.get("X-Forwarded-Proto"), request.scheme,
+            request.remote or "",
+            request.headers.get("X-Forwarded-Proto"),
+            request.scheme,
             state.trusted_proxies,
         ),
     )
@@ -102,9 +104,9 @@ async def errors_stage(request: web.Request, handler: Handler) -> web.StreamResp
         ctx.status, ctx.outcome, ctx.error_reason = error.status, error.outcome, error.reason
         return error_response(error, ctx.request_id)
     except web.HTTPException as exc:  # aiohttp's own (bad method, body too large...)
-        error = GatewayError(exc.reason, reason="http", status=exc.status)
+        wrapped = GatewayError(exc.reason, reason="http", status=exc.status)
         ctx.status, ctx.outcome, ctx.error_reason = exc.status, "rejected", "http"
-        return error_response(error, ctx.request_id)
+        return error_response(wrapped, ctx.request_id)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:

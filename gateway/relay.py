@@ -29,14 +29,30 @@ from gateway.errors import BadGateway, GatewayTimeout
 HOP_BY_HOP = frozenset(
     h.lower()
     for h in (
-        "Connection", "Keep-Alive", "Proxy-Connection", "TE", "Trailer", "Transfer-Encoding",
-        "Upgrade", "Expect",
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Expect",
     )
 )
 REQUEST_DROP = HOP_BY_HOP | {
-    "host", "authorization", "proxy-authorization", "x-api-key", "cookie", "origin",
-    "content-length", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
-    "x-real-ip", "forwarded", "x-request-id",
+    "host",
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "cookie",
+    "origin",
+    "content-length",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-real-ip",
+    "forwarded",
+    "x-request-id",
 }
 RESPONSE_DROP = HOP_BY_HOP | {"content-length", "server", "date"}
 
@@ -47,7 +63,8 @@ class ResponseTap(Protocol):
     `feed` returns the bytes to write: the same object when nothing changes (no copy).
     """
 
-    rewrites: bool
+    @property
+    def rewrites(self) -> bool: ...
 
     def begin(self, status: int, headers: CIMultiDictProxy[str]) -> None: ...
     def feed(self, chunk: bytes) -> bytes: ...
@@ -145,8 +162,9 @@ async def relay(
     headers: CIMultiDict[str],
 ) -> web.StreamResponse:
     """Forward one request and stream the answer back; raise GatewayError before headers."""
-    url = URL(upstream.url.rstrip("/") + ctx.path + (f"?{ctx.query}" if ctx.query else ""),
-              encoded=True)
+    url = URL(
+        upstream.url.rstrip("/") + ctx.path + (f"?{ctx.query}" if ctx.query else ""), encoded=True
+    )
     data: object = None
     if ctx.body is not None:
         data = ctx.body
@@ -160,8 +178,13 @@ async def relay(
     try:
         async with asyncio.timeout(first_byte_budget) as deadline:
             upstream_response = await session.request(
-                request.method, url, headers=headers, data=data,
-                timeout=client_timeout(upstream), allow_redirects=False, auto_decompress=False,
+                request.method,
+                url,
+                headers=headers,
+                data=data,
+                timeout=client_timeout(upstream),
+                allow_redirects=False,
+                auto_decompress=False,
             )
             deadline.reschedule(None)
         ctx.first_byte_at = time.perf_counter()
@@ -253,11 +276,11 @@ def _fail_midway(
     Writing a clean end after a broken upstream would tell the client the stream finished.
     """
     if not prepared:
-        raise error("upstream timed out" if reason == "timeout" else "upstream reset",
-                    reason=reason)
+        raise error(
+            "upstream timed out" if reason == "timeout" else "upstream reset", reason=reason
+        )
     ctx.outcome = "upstream_error"
     ctx.error_reason = reason
     if request.transport is not None:
         request.transport.abort()
     return response
-

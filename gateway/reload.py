@@ -91,9 +91,7 @@ def _set(config: Any, key: str, value: Any) -> Any:
     return dataclasses.replace(config, **{head: _set(getattr(config, head), rest, value)})
 
 
-def pin_restart_only(
-    new: GatewayConfig, running: GatewayConfig
-) -> tuple[GatewayConfig, list[str]]:
+def pin_restart_only(new: GatewayConfig, running: GatewayConfig) -> tuple[GatewayConfig, list[str]]:
     """Keep the running value of settings a reload cannot change; say which ones changed.
 
     Pinning (rather than carrying the new values in the state) keeps the state truthful:
@@ -194,7 +192,9 @@ class Reloader:
             log.error("reload refused: %s", problem)
         log.error(
             "reload of %s failed (%d problem(s)); still serving generation %d",
-            self.path, len(problems), self.app[STATE].current.generation,
+            self.path,
+            len(problems),
+            self.app[STATE].current.generation,
         )
         return False
 

@@ -23,7 +23,13 @@ from gateway.reload import Overrides, Reloader, TLSRotation
 log = logging.getLogger("gateway")
 
 __all__ = [
-    "Overrides", "Reloader", "reload_config", "run", "serve", "server_tls_context", "tls_context",
+    "Overrides",
+    "Reloader",
+    "reload_config",
+    "run",
+    "serve",
+    "server_tls_context",
+    "tls_context",
 ]
 
 
@@ -96,7 +102,11 @@ async def serve(
     ssl_context = tls.listener if tls else None
     scheme = "https" if tls else "http"
     reloader = Reloader(
-        app, config_path, overrides=overrides or Overrides(), running=config, tls=tls,
+        app,
+        config_path,
+        overrides=overrides or Overrides(),
+        running=config,
+        tls=tls,
         on_logging_change=configure_logging,
     )
     # Handlers go in before the address is printed: a signal sent as soon as a supervisor
@@ -122,13 +132,16 @@ async def serve(
                     app, config.metrics.listen, ssl_context
                 )
         except OSError as exc:
-            print(f"ollama-gateway: cannot listen on {listening}: {exc.strerror or exc}",
-                  file=sys.stderr)
+            print(
+                f"ollama-gateway: cannot listen on {listening}: {exc.strerror or exc}",
+                file=sys.stderr,
+            )
             return 1
         if metrics_runner is not None:
             metrics_host, metrics_port = _shown(metrics_runner.addresses[0])
-            log.info("metrics on %s://%s:%s%s", scheme, metrics_host, metrics_port,
-                     config.metrics.path)
+            log.info(
+                "metrics on %s://%s:%s%s", scheme, metrics_host, metrics_port, config.metrics.path
+            )
         shown_host, shown_port = _shown(runner.addresses[0])
         files.write()
         print(f"ollama-gateway listening on {scheme}://{shown_host}:{shown_port}", flush=True)
@@ -143,7 +156,8 @@ async def serve(
             await running_site.stop()
         log.info(
             "shutting down: no longer accepting connections; in-flight requests have up to "
-            "%ss to finish", config.shutdown_grace,
+            "%ss to finish",
+            config.shutdown_grace,
         )
     finally:
         # Lets in-flight requests finish within shutdown_grace, then cancels what is left.

@@ -101,15 +101,23 @@ class GatewayProcess:
 async def start_gateway(*args: str, env: dict[str, str] | None = None) -> GatewayProcess:
     """`python -m gateway serve ARGS`; returns once it printed its address."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "serve", *args,
-        cwd=REPO, env=env or cli_env(),
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        *args,
+        cwd=REPO,
+        env=env or cli_env(),
         stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     gw = GatewayProcess(proc)
     assert proc.stdout is not None and proc.stderr is not None
-    gw._readers = [asyncio.create_task(gw._read(proc.stdout)),
-                   asyncio.create_task(gw._read(proc.stderr))]
+    gw._readers = [
+        asyncio.create_task(gw._read(proc.stdout)),
+        asyncio.create_task(gw._read(proc.stderr)),
+    ]
     try:
         line = await gw.wait_line(ADDRESS_LINE.pattern, wait_s=START_TIMEOUT)
     except BaseException:
@@ -122,9 +130,9 @@ async def start_gateway(*args: str, env: dict[str, str] | None = None) -> Gatewa
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[
-    GatewayProcess
-]:
+async def running_gateway(
+    *args: str, env: dict[str, str] | None = None
+) -> AsyncIterator[GatewayProcess]:
     gw = await start_gateway(*args, env=env)
     try:
         yield gw
@@ -132,14 +140,20 @@ async def running_gateway(*args: str, env: dict[str, str] | None = None) -> Asyn
         await gw.kill()
 
 
-async def run_cli(*args: str, env: dict[str, str] | None = None, stdin: bytes | None = None,
-                  wait_s: float = 20.0) -> tuple[int, str, str]:
+async def run_cli(
+    *args: str, env: dict[str, str] | None = None, stdin: bytes | None = None, wait_s: float = 20.0
+) -> tuple[int, str, str]:
     """`python -m gateway ARGS` to completion -> (exit code, stdout, stderr)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", *args,
-        cwd=REPO, env=env or cli_env(),
+        sys.executable,
+        "-m",
+        "gateway",
+        *args,
+        cwd=REPO,
+        env=env or cli_env(),
         stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(stdin), wait_s)
@@ -170,8 +184,9 @@ class CertFiles:
         return {"cert": str(self.cert), "key": str(self.key)}
 
 
-def make_certificate(directory: Path, name: str = "gateway", common_name: str = "localhost"
-                     ) -> CertFiles:
+def make_certificate(
+    directory: Path, name: str = "gateway", common_name: str = "localhost"
+) -> CertFiles:
     """A self-signed certificate for localhost and 127.0.0.1 (EC P-256: fast to make)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization

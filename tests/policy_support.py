@@ -33,10 +33,18 @@ def policy_config(upstream: str, **extra: Any) -> dict[str, Any]:
                 "carol": {"password": HASH, "roles": ["admin"], "models": ["llama3.2:*"]},
             },
             "api_keys": [
-                {"name": "alice-key", "user": "alice", "roles": ["user"],
-                 "sha256": hashlib.sha256(ALICE_KEY.encode()).hexdigest()},
-                {"name": "root-key", "user": "root", "roles": ["admin"],
-                 "sha256": hashlib.sha256(ROOT_KEY.encode()).hexdigest()},
+                {
+                    "name": "alice-key",
+                    "user": "alice",
+                    "roles": ["user"],
+                    "sha256": hashlib.sha256(ALICE_KEY.encode()).hexdigest(),
+                },
+                {
+                    "name": "root-key",
+                    "user": "root",
+                    "roles": ["admin"],
+                    "sha256": hashlib.sha256(ROOT_KEY.encode()).hexdigest(),
+                },
             ],
         },
         **extra,
@@ -61,8 +69,12 @@ async def raw_exchange(host_port: str, payload: bytes) -> list[int]:
 
 
 def request_bytes(
-    method: str, target: bytes | str, *, headers: dict[str, str] | None = None,
-    body: bytes = b"", close: bool = True,
+    method: str,
+    target: bytes | str,
+    *,
+    headers: dict[str, str] | None = None,
+    body: bytes = b"",
+    close: bool = True,
 ) -> bytes:
     if isinstance(target, str):
         target = target.encode()

@@ -40,9 +40,21 @@ class RedisServer:
     def start(self) -> RedisServer:
         """Blocking (run it off the event loop with asyncio.to_thread inside a test)."""
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--loglevel", "notice"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--loglevel",
+                "notice",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
         assert self.process.stdout is not None
         log = b""

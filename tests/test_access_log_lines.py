@@ -20,9 +20,26 @@ SECRET_PROMPT = "TOP-SECRET-PROMPT-5d1e"
 SECRET_QUERY = "QUERY-SECRET-77ab"
 SECRET_TOKEN = "BEARER-SECRET-9c2f"
 FIELDS = {
-    "time", "request_id", "client", "user", "auth_method", "credential", "method", "path",
-    "route_class", "model", "status", "outcome", "reason", "bytes_in", "bytes_out",
-    "duration_ms", "ttfb_ms", "gateway_ms", "prompt_tokens", "completion_tokens",
+    "time",
+    "request_id",
+    "client",
+    "user",
+    "auth_method",
+    "credential",
+    "method",
+    "path",
+    "route_class",
+    "model",
+    "status",
+    "outcome",
+    "reason",
+    "bytes_in",
+    "bytes_out",
+    "duration_ms",
+    "ttfb_ms",
+    "gateway_ms",
+    "prompt_tokens",
+    "completion_tokens",
 }
 
 
@@ -40,7 +57,9 @@ def every_rendering(caplog: pytest.LogCaptureFixture) -> str:
 
 
 async def test_one_line_per_request_with_the_agreed_fields(
-    gateway_factory: GatewayFactory, fake: FakeOllama, http: aiohttp.ClientSession,
+    gateway_factory: GatewayFactory,
+    fake: FakeOllama,
+    http: aiohttp.ClientSession,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger=ACCESS_LOGGER)
@@ -48,7 +67,8 @@ async def test_one_line_per_request_with_the_agreed_fields(
     observed = Observed(gw.app)
     sent = json.dumps({"model": "llama3.2", "prompt": SECRET_PROMPT}).encode()
     async with http.post(
-        gw.url + f"/api/generate?token={SECRET_QUERY}", data=sent,
+        gw.url + f"/api/generate?token={SECRET_QUERY}",
+        data=sent,
         headers={"Content-Type": "application/json", "X-Request-Id": "trace-abc.1"},
     ) as response:
         assert response.status == 200
@@ -71,12 +91,18 @@ async def test_one_line_per_request_with_the_agreed_fields(
 
 
 async def test_rejected_request_logs_no_credential(
-    gateway_factory: GatewayFactory, fake: FakeOllama, http: aiohttp.ClientSession,
+    gateway_factory: GatewayFactory,
+    fake: FakeOllama,
+    http: aiohttp.ClientSession,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger=ACCESS_LOGGER)
-    gw = await gateway_factory({"upstream": {"url": fake.url}, "auth": {"api_keys": [
-        {"name": "ci-bot", "sha256": "0" * 64, "roles": ["user"]}]}})
+    gw = await gateway_factory(
+        {
+            "upstream": {"url": fake.url},
+            "auth": {"api_keys": [{"name": "ci-bot", "sha256": "0" * 64, "roles": ["user"]}]},
+        }
+    )
     for headers in ({"Authorization": f"Bearer {SECRET_TOKEN}"}, {"X-API-Key": SECRET_TOKEN}):
         async with http.get(gw.url + "/api/tags", headers=headers) as response:
             assert response.status == 401
@@ -90,7 +116,9 @@ async def test_rejected_request_logs_no_credential(
 
 
 async def test_access_log_can_be_turned_off(
-    gateway_factory: GatewayFactory, fake: FakeOllama, http: aiohttp.ClientSession,
+    gateway_factory: GatewayFactory,
+    fake: FakeOllama,
+    http: aiohttp.ClientSession,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger=ACCESS_LOGGER)
@@ -103,16 +131,28 @@ async def test_access_log_can_be_turned_off(
 
 
 def _record(access: dict[str, Any] | None = None, **kw: Any) -> logging.LogRecord:
-    record = logging.LogRecord("gateway", logging.ERROR, __file__, 1, kw.get("msg", "boom %s"),
-                               kw.get("args", ("x",)), kw.get("exc_info"))
+    record = logging.LogRecord(
+        "gateway",
+        logging.ERROR,
+        __file__,
+        1,
+        kw.get("msg", "boom %s"),
+        kw.get("args", ("x",)),
+        kw.get("exc_info"),
+    )
     if access is not None:
         record.access = access
     return record
 
 
 def test_formatters_keep_hostile_values_on_one_line() -> None:
-    access = {"time": "2026-01-01T00:00:00.000Z", "method": "GET",
-              "path": '/api/x"\n{"forged": true}', "status": 200, "user": None}
+    access = {
+        "time": "2026-01-01T00:00:00.000Z",
+        "method": "GET",
+        "path": '/api/x"\n{"forged": true}',
+        "status": 200,
+        "user": None,
+    }
     json_line = JsonFormatter().format(_record(access))
     assert "\n" not in json_line
     assert json.loads(json_line)["path"] == access["path"]

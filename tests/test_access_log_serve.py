@@ -37,8 +37,14 @@ async def serve(tmp_path: Path, config: dict[str, Any]) -> AsyncIterator[Served]
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump({"listen": "127.0.0.1:0", **config}))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "serve", "--config", str(path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        "--config",
+        str(path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None and proc.stderr is not None
     stderr_task = asyncio.create_task(proc.stderr.read())
@@ -63,9 +69,10 @@ async def test_json_access_lines_on_stderr(
 ) -> None:
     config = {"upstream": {"url": fake.url}, "logging": {"level": "info", "format": "json"}}
     prompt = {"model": "llama3.2", "prompt": "PROMPT-XYZ"}
-    async with serve(tmp_path, config) as gw, http.post(
-        gw.url + "/api/generate", json=prompt
-    ) as response:
+    async with (
+        serve(tmp_path, config) as gw,
+        http.post(gw.url + "/api/generate", json=prompt) as response,
+    ):
         assert response.status == 200
         request_id = response.headers["X-Request-Id"]
         await response.read()

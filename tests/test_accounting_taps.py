@@ -26,7 +26,11 @@ USAGE = (26, 10)
 
 def make_ctx(model: str = "llama3.2") -> RequestContext:
     ctx = RequestContext(
-        request_id="t", state=None, method="POST", path="/", query="",  # type: ignore[arg-type]
+        request_id="t",
+        state=None,
+        method="POST",
+        path="/",
+        query="",  # type: ignore[arg-type]
         client_ip="127.0.0.1",
     )
     ctx.json = {"model": model}
@@ -87,8 +91,10 @@ def test_native_chat_single_object_and_absent_counts() -> None:
 
 
 def test_a_done_key_nested_in_a_chunk_is_not_the_final_record() -> None:
-    line = b'{"model":"m","message":{"tool_calls":[{"function":{"arguments":{"done":true,' \
-           b'"prompt_eval_count":999}}}]},"done":false}\n'
+    line = (
+        b'{"model":"m","message":{"tool_calls":[{"function":{"arguments":{"done":true,'
+        b'"prompt_eval_count":999}}}]},"done":false}\n'
+    )
     ctx = make_ctx()
     run(UsageTap(ctx, "native"), line, [], "application/x-ndjson")
     assert ctx.usage is None
@@ -108,14 +114,31 @@ def test_native_error_and_mid_stream_error_carry_no_usage() -> None:
 def test_embeddings_read_from_the_tail(kind: str) -> None:
     vectors = [[0.1234] * 2000 for _ in range(20)]  # ~200 KB of numbers, never parsed
     if kind == "native_embed":
-        body = go_json({"model": "all-minilm", "embeddings": vectors, "total_duration": 5,
-                        "prompt_eval_count": 42})
+        body = go_json(
+            {
+                "model": "all-minilm",
+                "embeddings": vectors,
+                "total_duration": 5,
+                "prompt_eval_count": 42,
+            }
+        )
     else:
-        body = go_json({"object": "list", "data": vectors, "model": "all-minilm",
-                        "usage": {"prompt_tokens": 42, "total_tokens": 42}}) + b"\n"
+        body = (
+            go_json(
+                {
+                    "object": "list",
+                    "data": vectors,
+                    "model": "all-minilm",
+                    "usage": {"prompt_tokens": 42, "total_tokens": 42},
+                }
+            )
+            + b"\n"
+        )
     ctx = make_ctx("all-minilm")
-    assert run(UsageTap(ctx, kind), body, list(range(1000, len(body), 9000)),
-               "application/json") == body
+    assert (
+        run(UsageTap(ctx, kind), body, list(range(1000, len(body), 9000)), "application/json")
+        == body
+    )
     assert ctx.usage is not None
     assert (ctx.usage.prompt_tokens, ctx.usage.completion_tokens) == (42, 0)
     assert ctx.usage.model == "all-minilm"
@@ -150,7 +173,7 @@ def _without_usage(sse: bytes) -> bytes:
     again without its `usage` member, and no usage-only chunk."""
     out = []
     for event in sse.split(b"\n\n")[:-1]:
-        payload = event[len(b"data: "):]
+        payload = event[len(b"data: ") :]
         if payload == b"[DONE]":
             out.append(event + b"\n\n")
             continue

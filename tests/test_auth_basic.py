@@ -81,7 +81,15 @@ async def test_curl_user_option(gateway_factory, fake) -> None:
 
     async def status(user: str) -> str:
         proc = await asyncio.create_subprocess_exec(
-            curl, "-s", "-o", "/dev/null", "-w", "%{http_code}", "-u", user, f"{gw.url}/api/tags",
+            curl,
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-u",
+            user,
+            f"{gw.url}/api/tags",
             stdout=asyncio.subprocess.PIPE,
         )
         out, _ = await proc.communicate()
@@ -102,9 +110,7 @@ def _htpasswd_lines() -> str:
 async def test_htpasswd_schemes(gateway_factory, fake, http, tmp_path: Path) -> None:
     file = tmp_path / "htpasswd"
     file.write_text(_htpasswd_lines())
-    gw = await gateway_factory(
-        config(fake, htpasswd=str(file), htpasswd_roles=["admin"])
-    )
+    gw = await gateway_factory(config(fake, htpasswd=str(file), htpasswd_roles=["admin"]))
     for user, password in (("bee", "bpass"), ("apr", "apass"), ("sha", "spass")):
         async with http.get(f"{gw.url}/api/tags", headers=basic(user, password)) as r:
             assert r.status == 200, user
@@ -184,8 +190,9 @@ async def test_reload_starts_with_a_fresh_cache(gateway_factory, fake, http) -> 
         assert r.status == 200
     # The new config changes alice's password: the old one must stop working at once.
     gw.config_path.write_text(
-        gw.config_path.read_text().replace(gw.config.auth.users["alice"].password.reveal(),
-                                           FAST_BCRYPT.hash("new"))
+        gw.config_path.read_text().replace(
+            gw.config.auth.users["alice"].password.reveal(), FAST_BCRYPT.hash("new")
+        )
     )
     holder = gw.app[STATE]
     holder.swap(GatewayState.build(load_config(gw.config_path), previous=holder.current))
@@ -222,8 +229,17 @@ async def test_unknown_user_and_bad_password_look_the_same(gateway_factory, fake
         "Bearer two words",
         "Digest username=x",
     ],
-    ids=["bad-b64", "no-colon", "non-utf8", "no-user", "empty", "huge", "bearer-empty",
-         "bearer-space", "digest"],
+    ids=[
+        "bad-b64",
+        "no-colon",
+        "non-utf8",
+        "no-user",
+        "empty",
+        "huge",
+        "bearer-empty",
+        "bearer-space",
+        "digest",
+    ],
 )
 async def test_malformed_headers_are_401(gateway_factory, fake, http, value) -> None:
     gw = await gateway_factory(config(fake, users={"alice": {"password": FAST_BCRYPT.hash("pw")}}))

@@ -34,8 +34,12 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str], stdin: bytes = 
 async def test_hash_password_console_script(tmp_path: Path) -> None:
     script = Path(sys.executable).parent / "ollama-gateway"
     proc = await asyncio.create_subprocess_exec(
-        str(script), "hash-password", "--scheme", "pbkdf2_sha256",
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        str(script),
+        "hash-password",
+        "--scheme",
+        "pbkdf2_sha256",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await proc.communicate("pä:ss wörd\n".encode())
@@ -88,8 +92,9 @@ async def test_new_key_entry_pastes_into_config(gateway_factory, fake, http, cap
 async def test_token_with_hs_secret(gateway_factory, fake, http, capsys, tmp_path) -> None:
     config = {
         "upstream": {"url": fake.url},
-        "auth": {"jwt": {"algorithms": ["HS256"], "secret": SECRET, "issuer": "ops",
-                         "audience": "gw"}},
+        "auth": {
+            "jwt": {"algorithms": ["HS256"], "secret": SECRET, "issuer": "ops", "audience": "gw"}
+        },
     }
     path = tmp_path / "gw.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -108,7 +113,8 @@ async def test_token_with_private_key(gateway_factory, fake, http, capsys, tmp_p
     private = tmp_path / "private.pem"
     private.write_bytes(
         key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
     )
@@ -120,8 +126,13 @@ async def test_token_with_private_key(gateway_factory, fake, http, capsys, tmp_p
     )
     config = {
         "upstream": {"url": fake.url},
-        "auth": {"jwt": {"algorithms": ["EdDSA"], "public_key": "public.pem",
-                         "private_key": "private.pem"}},
+        "auth": {
+            "jwt": {
+                "algorithms": ["EdDSA"],
+                "public_key": "public.pem",
+                "private_key": "private.pem",
+            }
+        },
     }
     path = tmp_path / "gw.yaml"
     path.write_text(yaml.safe_dump(config))

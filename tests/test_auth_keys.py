@@ -43,7 +43,10 @@ def all_methods(fake, **extra: object) -> dict[str, object]:
 
 def hs_token(sub: str = "tess", **claims: object) -> str:
     payload = {
-        "sub": sub, "roles": ["user"], "exp": datetime.now(UTC) + timedelta(minutes=5), **claims
+        "sub": sub,
+        "roles": ["user"],
+        "exp": datetime.now(UTC) + timedelta(minutes=5),
+        **claims,
     }
     return jwt.encode(payload, SECRET, algorithm="HS256")
 

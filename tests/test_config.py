@@ -97,8 +97,13 @@ def test_yaml_syntax_error_names_the_line() -> None:
 
 @pytest.mark.parametrize(
     ("listen", "ok"),
-    [("127.0.0.1:8080", True), ("[::1]:8080", True), (":8080", True), ("8080", False),
-     ("host:99999", False)],
+    [
+        ("127.0.0.1:8080", True),
+        ("[::1]:8080", True),
+        (":8080", True),
+        ("8080", False),
+        ("host:99999", False),
+    ],
 )
 def test_listen_address_forms(listen: str, ok: bool) -> None:
     text = f"listen: '{listen}'\n"

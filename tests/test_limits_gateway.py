@@ -40,23 +40,35 @@ def config(fake: FakeOllama, limits: dict[str, Any], **extra: Any) -> dict[str, 
                 "alice": {"password": hashed, "roles": ["user"]},
                 "bob": {"password": hashed, "roles": ["user"]},
             },
-            "api_keys": [{
-                "name": "alice-key", "sha256": hashlib.sha256(API_KEY.encode()).hexdigest(),
-                "user": "alice", "roles": ["user"],
-            }],
+            "api_keys": [
+                {
+                    "name": "alice-key",
+                    "sha256": hashlib.sha256(API_KEY.encode()).hexdigest(),
+                    "user": "alice",
+                    "roles": ["user"],
+                }
+            ],
         },
         "roles": {"user": {"models": ["*"], "limits": limits}, "admin": {"models": ["*"]}},
         **extra,
     }
 
 
-async def start(gateway_factory: GatewayFactory, fake: FakeOllama, limits: dict[str, Any],
-                clock: FakeClock | None = None, **extra: Any) -> RunningGateway:
+async def start(
+    gateway_factory: GatewayFactory,
+    fake: FakeOllama,
+    limits: dict[str, Any],
+    clock: FakeClock | None = None,
+    **extra: Any,
+) -> RunningGateway:
     return await gateway_factory(config(fake, limits, **extra), clock=clock or FakeClock())
 
 
-async def generate(http: aiohttp.ClientSession, gw: RunningGateway, headers: dict[str, str],
-                   ) -> aiohttp.ClientResponse:
+async def generate(
+    http: aiohttp.ClientSession,
+    gw: RunningGateway,
+    headers: dict[str, str],
+) -> aiohttp.ClientResponse:
     async with http.post(gw.url + "/api/generate", json=GENERATE, headers=headers) as response:
         await response.read()
         return response
@@ -65,14 +77,17 @@ async def generate(http: aiohttp.ClientSession, gw: RunningGateway, headers: dic
 # -- effective limits (pure) -------------------------------------------------------------
 
 
-def _config(roles: dict[str, LimitsConfig], users: dict[str, tuple[list[str], LimitsConfig | None]]
-            ) -> GatewayConfig:
+def _config(
+    roles: dict[str, LimitsConfig], users: dict[str, tuple[list[str], LimitsConfig | None]]
+) -> GatewayConfig:
     return GatewayConfig(
         roles={name: RoleConfig(models=("*",), limits=lim) for name, lim in roles.items()},
-        auth=AuthConfig(users={
-            name: UserConfig(password=Secret("x"), roles=tuple(r), limits=lim)
-            for name, (r, lim) in users.items()
-        }),
+        auth=AuthConfig(
+            users={
+                name: UserConfig(password=Secret("x"), roles=tuple(r), limits=lim)
+                for name, (r, lim) in users.items()
+            }
+        ),
     )
 
 
@@ -116,7 +131,8 @@ def test_limit_values_are_checked() -> None:
     )
     paths = {p.path for p in check_limits(cfg)}
     assert paths == {
-        "roles.user.limits.requests_per_minute", "roles.other.limits.burst",
+        "roles.user.limits.requests_per_minute",
+        "roles.other.limits.burst",
         "auth.users.hal.limits.concurrency",
     }
 
@@ -198,7 +214,8 @@ async def test_v1_streams_never_count_as_zero_and_clients_see_their_own_stream(
     client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=API_KEY, max_retries=0)
     try:
         stream = await client.chat.completions.create(
-            model="llama3.2", messages=[{"role": "user", "content": "hi"}], stream=True)
+            model="llama3.2", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
         chunks = [chunk async for chunk in stream]
         assert chunks and all(chunk.usage is None for chunk in chunks)
         assert all(chunk.choices for chunk in chunks)  # no extra `choices: []` chunk
@@ -208,14 +225,18 @@ async def test_v1_streams_never_count_as_zero_and_clients_see_their_own_stream(
         assert ctx.usage is not None and ctx.usage.total == 36 and ctx.usage.model == "llama3.2"
         # A client that asks for usage gets it, and its body goes upstream unchanged.
         stream = await client.chat.completions.create(
-            model="llama3.2", messages=[{"role": "user", "content": "hi"}], stream=True,
-            stream_options={"include_usage": True})
+            model="llama3.2",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         last = [chunk async for chunk in stream][-1]
         assert last.usage is not None and last.usage.total_tokens == 36
         await observed.wait(2)
         with pytest.raises(openai.RateLimitError) as refused:  # 72 tokens used of 60
             await client.chat.completions.create(
-                model="llama3.2", messages=[{"role": "user", "content": "hi"}])
+                model="llama3.2", messages=[{"role": "user", "content": "hi"}]
+            )
         assert refused.value.response.headers["Retry-After"] == "12"
     finally:
         await client.close()
@@ -258,8 +279,7 @@ async def test_anonymous_public_routes_are_not_limited_per_principal(
     gateway_factory: GatewayFactory, fake: FakeOllama, http: aiohttp.ClientSession
 ) -> None:
     routes = [{"path": "/api/generate", "methods": ["POST"], "public": True}]
-    gw = await start(gateway_factory, fake, {"requests_per_minute": 60, "burst": 1},
-                     routes=routes)
+    gw = await start(gateway_factory, fake, {"requests_per_minute": 60, "burst": 1}, routes=routes)
     statuses = [(await generate(http, gw, {})).status for _ in range(5)]
     assert statuses == [200] * 5
 
@@ -280,8 +300,13 @@ async def test_store_errors_are_visible_to_metrics(
 ) -> None:
     from tests.redis_server import free_port
 
-    gw = await start(gateway_factory, fake, {"concurrency": 2}, metrics={"public": True},
-                     rate_limits={"store": f"redis://127.0.0.1:{free_port()}/0"})
+    gw = await start(
+        gateway_factory,
+        fake,
+        {"concurrency": 2},
+        metrics={"public": True},
+        rate_limits={"store": f"redis://127.0.0.1:{free_port()}/0"},
+    )
     response = await generate(http, gw, ALICE)
     assert response.status == 503 and response.headers["Retry-After"] == "1"
     assert gw.app[LIMITER].store_errors == 1
@@ -297,7 +322,8 @@ async def test_many_parallel_requests_never_exceed_concurrency(
     gw = await start(gateway_factory, fake, {"concurrency": 3})
     fake.hang_after_chunks = 1
     responses = await asyncio.gather(
-        *(http.post(gw.url + "/api/generate", json=STREAM, headers=ALICE) for _ in range(10)))
+        *(http.post(gw.url + "/api/generate", json=STREAM, headers=ALICE) for _ in range(10))
+    )
     try:
         assert sorted(r.status for r in responses) == [200] * 3 + [429] * 7
         assert len(fake.requests_to("/api/generate")) == 3

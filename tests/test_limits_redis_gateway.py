@@ -30,8 +30,9 @@ STREAM = {"model": "llama3.2", "prompt": "hi"}
 LISTENING = re.compile(r"listening on (https?://\S+)")
 
 
-def config(fake: FakeOllama, store: str, limits: dict[str, Any], **rate_limits: Any
-           ) -> dict[str, Any]:
+def config(
+    fake: FakeOllama, store: str, limits: dict[str, Any], **rate_limits: Any
+) -> dict[str, Any]:
     return {
         "listen": "127.0.0.1:0",
         "upstream": {"url": fake.url},
@@ -61,8 +62,14 @@ async def serve(tmp_path: Path) -> AsyncIterator[Serve]:
         path.write_text(yaml.safe_dump(cfg))
         log = (tmp_path / f"serve-{len(processes)}.log").open("wb")
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "serve", "--config", str(path),
-            stdout=asyncio.subprocess.PIPE, stderr=log,
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--config",
+            str(path),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log,
         )
         log.close()
         processes.append(process)
@@ -122,11 +129,14 @@ async def test_two_gateway_processes_share_concurrency_slots(
 
 
 async def test_redis_outage_denies_then_the_gateway_recovers_by_itself(
-    own_redis: RedisServer, fake: FakeOllama, gateway_factory: GatewayFactory,
+    own_redis: RedisServer,
+    fake: FakeOllama,
+    gateway_factory: GatewayFactory,
     http: aiohttp.ClientSession,
 ) -> None:
     gw: RunningGateway = await gateway_factory(
-        config(fake, own_redis.url, {"requests_per_minute": 600, "concurrency": 2}))
+        config(fake, own_redis.url, {"requests_per_minute": 600, "concurrency": 2})
+    )
     assert await status_of(http, gw.url) == 200
     await asyncio.to_thread(own_redis.stop)
     async with http.post(gw.url + "/api/generate", json=GENERATE, headers=ALICE) as denied:
@@ -140,18 +150,23 @@ async def test_redis_outage_denies_then_the_gateway_recovers_by_itself(
 
 
 async def test_redis_outage_with_allow_lets_requests_through(
-    own_redis: RedisServer, fake: FakeOllama, gateway_factory: GatewayFactory,
+    own_redis: RedisServer,
+    fake: FakeOllama,
+    gateway_factory: GatewayFactory,
     http: aiohttp.ClientSession,
 ) -> None:
     gw = await gateway_factory(
-        config(fake, own_redis.url, {"concurrency": 1}, on_store_error="allow"))
+        config(fake, own_redis.url, {"concurrency": 1}, on_store_error="allow")
+    )
     await asyncio.to_thread(own_redis.stop)
     assert [await status_of(http, gw.url) for _ in range(3)] == [200, 200, 200]
     assert gw.app[LIMITER].store_errors == 3
 
 
 async def test_a_client_leaving_mid_stream_frees_its_redis_slot(
-    redis_server: RedisServer, fake: FakeOllama, gateway_factory: GatewayFactory,
+    redis_server: RedisServer,
+    fake: FakeOllama,
+    gateway_factory: GatewayFactory,
     http: aiohttp.ClientSession,
 ) -> None:
     gw = await gateway_factory(config(fake, redis_server.url, {"concurrency": 1}))

@@ -60,16 +60,18 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-async def admit_n(limiter: Limiter, n: int, limits: LimitsConfig, key: str = "alice"
-                  ) -> list[Decision]:
+async def admit_n(
+    limiter: Limiter, n: int, limits: LimitsConfig, key: str = "alice"
+) -> list[Decision]:
     return [await limiter.admit(key, limits, f"lease-{i}") for i in range(n)]
 
 
 RPM = LimitsConfig(requests_per_minute=60, burst=3)
 
 
-async def test_rate_allows_the_burst_then_one_per_interval(make: MakeLimiter, clock: FakeClock
-                                                           ) -> None:
+async def test_rate_allows_the_burst_then_one_per_interval(
+    make: MakeLimiter, clock: FakeClock
+) -> None:
     limiter = make(clock)
     first = await admit_n(limiter, 4, RPM)
     assert [d.allowed for d in first] == [True, True, True, False]
@@ -110,8 +112,9 @@ async def test_refused_requests_cost_nothing(make: MakeLimiter, clock: FakeClock
     assert (await limiter.admit("alice", limits, "c")).allowed
 
 
-async def test_concurrency_slots_are_taken_and_given_back(make: MakeLimiter, clock: FakeClock
-                                                          ) -> None:
+async def test_concurrency_slots_are_taken_and_given_back(
+    make: MakeLimiter, clock: FakeClock
+) -> None:
     limits = LimitsConfig(concurrency=2)
     limiter = make(clock)
     a, b, c = await admit_n(limiter, 3, limits)
@@ -200,12 +203,15 @@ async def test_unlimited_admits_everything(make: MakeLimiter, clock: FakeClock) 
     assert decisions[0].quota is None
 
 
-async def test_two_limiters_on_one_store_share_limits(redis_server: RedisServer,
-                                                      clock: FakeClock) -> None:
+async def test_two_limiters_on_one_store_share_limits(
+    redis_server: RedisServer, clock: FakeClock
+) -> None:
     from gateway.limits.redis import RedisLimiter
 
-    one, two = RedisLimiter(redis_server.url, clock=clock), RedisLimiter(redis_server.url,
-                                                                          clock=clock)
+    one, two = (
+        RedisLimiter(redis_server.url, clock=clock),
+        RedisLimiter(redis_server.url, clock=clock),
+    )
     try:
         limits = LimitsConfig(requests_per_minute=60, burst=2, concurrency=5)
         assert (await one.admit("alice", limits, "a")).allowed
@@ -220,8 +226,10 @@ async def test_two_limiters_on_one_store_share_limits(redis_server: RedisServer,
 async def test_a_dead_replicas_slots_expire(redis_server: RedisServer, clock: FakeClock) -> None:
     from gateway.limits.redis import LEASE_SECONDS, RedisLimiter
 
-    crashed, alive = RedisLimiter(redis_server.url, clock=clock), RedisLimiter(
-        redis_server.url, clock=clock)
+    crashed, alive = (
+        RedisLimiter(redis_server.url, clock=clock),
+        RedisLimiter(redis_server.url, clock=clock),
+    )
     try:
         limits = LimitsConfig(concurrency=1)
         assert (await crashed.admit("alice", limits, "held")).allowed  # never finished
@@ -275,8 +283,10 @@ async def test_unreachable_redis_raises_and_is_counted(clock: FakeClock) -> None
         await limiter.close()
 
 
-async def test_redis_restart_recovers_by_itself(own_redis: RedisServer, clock: FakeClock,
-                                                ) -> None:
+async def test_redis_restart_recovers_by_itself(
+    own_redis: RedisServer,
+    clock: FakeClock,
+) -> None:
     import asyncio
 
     from gateway.limits.redis import RedisLimiter

@@ -18,15 +18,32 @@ from tests.metrics_support import Observed, scrape
 
 DEPLOY = REPO / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "ollama-gateway.json"
-PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or",
-                "unless", "bool", "offset", "inf", "nan"}
+PROMQL_WORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "inf",
+    "nan",
+}
 # What the dashboard must show (issue: requests, errors, latency, TTFB, tokens, in-flight,
 # 429s, auth failures).
 REQUIRED = {
-    "ollama_gateway_requests_total", "ollama_gateway_request_duration_seconds_bucket",
-    "ollama_gateway_upstream_ttfb_seconds_bucket", "ollama_gateway_tokens_total",
-    "ollama_gateway_requests_in_flight", "ollama_gateway_rate_limited_total",
-    "ollama_gateway_auth_failures_total", "ollama_gateway_upstream_errors_total",
+    "ollama_gateway_requests_total",
+    "ollama_gateway_request_duration_seconds_bucket",
+    "ollama_gateway_upstream_ttfb_seconds_bucket",
+    "ollama_gateway_tokens_total",
+    "ollama_gateway_requests_in_flight",
+    "ollama_gateway_rate_limited_total",
+    "ollama_gateway_auth_failures_total",
+    "ollama_gateway_upstream_errors_total",
 }
 
 
@@ -39,7 +56,7 @@ def metric_names(expr: str) -> set[str]:
     names = set()
     for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", expr):
         word = match.group(0)
-        if expr[match.end():].lstrip().startswith("(") or word.lower() in PROMQL_WORDS:
+        if expr[match.end() :].lstrip().startswith("(") or word.lower() in PROMQL_WORDS:
             continue  # a function or an operator
         names.add(word)
     return names
@@ -65,8 +82,10 @@ def dashboard_metric_names(dashboard: dict[str, Any]) -> set[str]:
 
 
 def test_metric_name_extraction() -> None:
-    expr = ('histogram_quantile(0.9, sum by (le, route_class) (rate(a_bucket{job=~"$job", '
-            'x="y(z)"}[$__rate_interval]))) / on(instance) group_left b + sum(c) or vector(0)')
+    expr = (
+        'histogram_quantile(0.9, sum by (le, route_class) (rate(a_bucket{job=~"$job", '
+        'x="y(z)"}[$__rate_interval]))) / on(instance) group_left b + sum(c) or vector(0)'
+    )
     assert metric_names(expr) == {"a_bucket", "b", "c"}
 
 
@@ -95,8 +114,13 @@ def test_grafana_provisioning_points_at_the_dashboard_and_prometheus() -> None:
 async def test_prometheus_config_passes_promtool() -> None:
     promtool = require_binary("promtool")
     proc = await asyncio.create_subprocess_exec(
-        promtool, "check", "config", "--syntax-only", str(DEPLOY / "prometheus.yml"),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        promtool,
+        "check",
+        "config",
+        "--syntax-only",
+        str(DEPLOY / "prometheus.yml"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     out, _ = await proc.communicate()
     assert proc.returncode == 0, out.decode()
@@ -106,16 +130,26 @@ async def test_every_dashboard_series_is_exported(
     gateway_factory: GatewayFactory, fake: FakeOllama, http: aiohttp.ClientSession
 ) -> None:
     key = "og_" + "k" * 40
-    gw = await gateway_factory({
-        "upstream": {"url": fake.url},
-        "auth": {"api_keys": [{"name": "ci-bot", "sha256": hashlib.sha256(key.encode()).hexdigest(),
-                               "roles": ["user"]}]},
-        "metrics": {"public": True},
-    })
+    gw = await gateway_factory(
+        {
+            "upstream": {"url": fake.url},
+            "auth": {
+                "api_keys": [
+                    {
+                        "name": "ci-bot",
+                        "sha256": hashlib.sha256(key.encode()).hexdigest(),
+                        "roles": ["user"],
+                    }
+                ]
+            },
+            "metrics": {"public": True},
+        }
+    )
     observed = Observed(gw.app)
     good = {"X-API-Key": key}
-    async with http.post(gw.url + "/api/generate", headers=good,
-                         json={"model": "llama3.2", "prompt": "hi"}) as response:
+    async with http.post(
+        gw.url + "/api/generate", headers=good, json={"model": "llama3.2", "prompt": "hi"}
+    ) as response:
         await response.read()
     async with http.get(gw.url + "/api/tags", headers={"X-API-Key": "wrong"}) as response:
         assert response.status == 401
@@ -130,7 +164,12 @@ async def test_every_dashboard_series_is_exported(
     assert not missing, f"dashboard queries series the gateway does not export: {missing}"
     # The core series carry samples after this traffic, not just declarations.
     sampled = {s.name for s in exported.samples}
-    assert {"ollama_gateway_requests_total", "ollama_gateway_request_duration_seconds_bucket",
-            "ollama_gateway_upstream_ttfb_seconds_bucket", "ollama_gateway_requests_in_flight",
-            "ollama_gateway_upstream_up", "ollama_gateway_auth_failures_total",
-            "ollama_gateway_build_info"} <= sampled
+    assert {
+        "ollama_gateway_requests_total",
+        "ollama_gateway_request_duration_seconds_bucket",
+        "ollama_gateway_upstream_ttfb_seconds_bucket",
+        "ollama_gateway_requests_in_flight",
+        "ollama_gateway_upstream_up",
+        "ollama_gateway_auth_failures_total",
+        "ollama_gateway_build_info",
+    } <= sampled

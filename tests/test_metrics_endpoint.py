@@ -24,10 +24,12 @@ def users_config(url: str, **metrics: Any) -> dict[str, Any]:
     digest = pbkdf2_hash(PASSWORD)
     return {
         "upstream": {"url": url},
-        "auth": {"users": {
-            "ops": {"password": digest, "roles": ["admin"]},
-            "bob": {"password": digest, "roles": ["user"]},
-        }},
+        "auth": {
+            "users": {
+                "ops": {"password": digest, "roles": ["admin"]},
+                "bob": {"password": digest, "roles": ["user"]},
+            }
+        },
         "metrics": metrics,
     }
 

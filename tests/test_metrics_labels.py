@@ -28,8 +28,14 @@ def state() -> GatewayState:
 
 
 def context(st: GatewayState, **fields: Any) -> RequestContext:
-    ctx = RequestContext(request_id="r", state=st, method="POST", path="/api/generate",
-                         query="", client_ip="127.0.0.1")
+    ctx = RequestContext(
+        request_id="r",
+        state=st,
+        method="POST",
+        path="/api/generate",
+        query="",
+        client_ip="127.0.0.1",
+    )
     ctx.status = 200
     for name, value in fields.items():
         setattr(ctx, name, value)
@@ -74,8 +80,9 @@ def test_user_labels_come_from_the_config_only() -> None:
     metrics, st = GatewayMetrics(CollectorRegistry()), state()
     principals = [
         Principal(user="alice", roles=frozenset({"user"}), method="basic"),
-        Principal(user="ci-bot", roles=frozenset({"user"}), method="api_key",
-                  credential_id="ci-bot"),
+        Principal(
+            user="ci-bot", roles=frozenset({"user"}), method="api_key", credential_id="ci-bot"
+        ),
         Principal(user="deployer", roles=frozenset({"user"}), method="jwt"),  # named in config
         Principal(user="sub-8f3a9c", roles=frozenset({"user"}), method="jwt"),  # not in config
         None,
@@ -91,15 +98,16 @@ def test_user_labels_come_from_the_config_only() -> None:
 
 def test_reasons_are_labels_from_the_context_never_input() -> None:
     metrics, st = GatewayMetrics(CollectorRegistry()), state()
-    metrics.observe(context(st, status=401, outcome="rejected", auth_method="basic",
-                            error_reason="bad_password"))
+    metrics.observe(
+        context(
+            st, status=401, outcome="rejected", auth_method="basic", error_reason="bad_password"
+        )
+    )
     metrics.observe(context(st, status=401, outcome="rejected", auth_method="Bearer junk"))
-    metrics.observe(context(st, status=429, outcome="rejected",
-                            error_reason="tokens_per_minute"))
+    metrics.observe(context(st, status=429, outcome="rejected", error_reason="tokens_per_minute"))
     metrics.observe(context(st, status=502, outcome="upstream_error", error_reason="weird"))
     s = scrape(metrics)
-    assert s.value("ollama_gateway_auth_failures_total", method="basic",
-                   reason="bad_password") == 1
+    assert s.value("ollama_gateway_auth_failures_total", method="basic", reason="bad_password") == 1
     assert s.value("ollama_gateway_auth_failures_total", method="none", reason="unknown") == 1
     assert s.value("ollama_gateway_rate_limited_total", limit="tokens_per_minute") == 1
     assert s.value("ollama_gateway_upstream_errors_total", kind="other") == 1

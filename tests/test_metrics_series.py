@@ -21,8 +21,11 @@ GENERATE = {"model": "llama3.2", "prompt": "why is the sky blue?"}
 
 
 def public(url: str, **extra: Any) -> dict[str, Any]:
-    return {"upstream": {"url": url, **extra.pop("upstream", {})},
-            "metrics": {"public": True, **extra.pop("metrics", {})}, **extra}
+    return {
+        "upstream": {"url": url, **extra.pop("upstream", {})},
+        "metrics": {"public": True, **extra.pop("metrics", {})},
+        **extra,
+    }
 
 
 def closed_port() -> int:
@@ -53,8 +56,10 @@ async def test_requests_are_counted_by_route_class_method_status_and_user(
 
     s = await scrape(http, gw.url)
     requests = "ollama_gateway_requests_total"
-    assert s.value(requests, route_class=version_class, method="GET", status="200",
-                   user="anonymous") == 3
+    assert (
+        s.value(requests, route_class=version_class, method="GET", status="200", user="anonymous")
+        == 3
+    )
     assert s.value(requests, route_class=generate_class, method="POST", status="200") == 1
     assert s.value(requests, method="GET", status=str(not_found)) == 1
     assert s.value("ollama_gateway_request_duration_seconds_count") == 5
@@ -70,8 +75,11 @@ async def test_requests_are_counted_by_route_class_method_status_and_user(
 async def test_latency_buckets_fit_llm_work(gateway: RunningGateway) -> None:
     """Milliseconds (tags) to an hour (cold loads, long generations, pulls)."""
     s = Scrape(_text(gateway))
-    assert {"ollama_gateway_request_duration_seconds", "ollama_gateway_upstream_ttfb_seconds",
-            "ollama_gateway_overhead_seconds"} <= s.names()
+    assert {
+        "ollama_gateway_request_duration_seconds",
+        "ollama_gateway_upstream_ttfb_seconds",
+        "ollama_gateway_overhead_seconds",
+    } <= s.names()
     assert LATENCY_BUCKETS[0] <= 0.005 and LATENCY_BUCKETS[-1] >= 3600
     assert OVERHEAD_BUCKETS[0] <= 0.0001
 
@@ -109,8 +117,12 @@ async def test_scrape_passes_promtool(
     assert exported.value("ollama_gateway_auth_failures_total") == 1
     text = exported.text
     proc = await asyncio.create_subprocess_exec(
-        promtool, "check", "metrics", stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        promtool,
+        "check",
+        "metrics",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     out, _ = await proc.communicate(text.encode())
     assert proc.returncode == 0, out.decode()
@@ -190,8 +202,9 @@ async def test_client_disconnect_and_in_flight(
     stream = contexts[-1]
     assert stream.outcome == "client_gone"
     after = await scrape(http, gw.url)
-    assert after.value("ollama_gateway_client_disconnects_total",
-                       route_class=stream.route_class) == 1
+    assert (
+        after.value("ollama_gateway_client_disconnects_total", route_class=stream.route_class) == 1
+    )
     assert after.value("ollama_gateway_requests_in_flight") == 1
     assert after.value("ollama_gateway_upstream_errors_total") == 0
 

@@ -32,8 +32,13 @@ def config(url: str, **extra: Any) -> dict[str, Any]:
                 "alice": {"password": digest, "roles": ["user"]},
                 "ops": {"password": digest, "roles": ["admin"]},
             },
-            "api_keys": [{"name": "ci-bot", "sha256": hashlib.sha256(API_KEY.encode()).hexdigest(),
-                          "roles": ["user"]}],
+            "api_keys": [
+                {
+                    "name": "ci-bot",
+                    "sha256": hashlib.sha256(API_KEY.encode()).hexdigest(),
+                    "roles": ["user"],
+                }
+            ],
             "jwt": {"algorithms": ["HS256"], "secret": JWT_SECRET},
         },
         "metrics": {"public": True},
@@ -55,8 +60,12 @@ def final_record(body: bytes) -> dict[str, Any]:
 
 
 async def post(
-    http: aiohttp.ClientSession, gw: RunningGateway, path: str, body: dict[str, Any],
-    headers: dict[str, str], status: int = 200,
+    http: aiohttp.ClientSession,
+    gw: RunningGateway,
+    path: str,
+    body: dict[str, Any],
+    headers: dict[str, str],
+    status: int = 200,
 ) -> bytes:
     async with http.post(gw.url + path, json=body, headers=headers) as response:
         data = await response.read()
@@ -70,47 +79,87 @@ async def test_tokens_per_user_and_model_equal_what_ollama_reported(
     gw = await gateway_factory(config(fake.url))
     observed = Observed(gw.app)
     fake.usage = (26, 10)
-    generated = final_record(await post(
-        http, gw, "/api/generate", {"model": "llama3.2", "prompt": "hi"}, basic("alice", PASSWORD)
-    ))
+    generated = final_record(
+        await post(
+            http,
+            gw,
+            "/api/generate",
+            {"model": "llama3.2", "prompt": "hi"},
+            basic("alice", PASSWORD),
+        )
+    )
     fake.usage = (7, 3)
-    chatted = json.loads(await post(
-        http, gw, "/api/chat",
-        {"model": "qwen2.5:7b", "messages": [{"role": "user", "content": "hi"}], "stream": False},
-        {"X-API-Key": API_KEY},
-    ))
+    chatted = json.loads(
+        await post(
+            http,
+            gw,
+            "/api/chat",
+            {
+                "model": "qwen2.5:7b",
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": False,
+            },
+            {"X-API-Key": API_KEY},
+        )
+    )
     fake.usage = (11, 5)
     sse = await post(
-        http, gw, "/v1/chat/completions",
-        {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": True,
-         "stream_options": {"include_usage": True}},
+        http,
+        gw,
+        "/v1/chat/completions",
+        {
+            "model": "llama3.2",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
         {"Authorization": f"Bearer {API_KEY}"},
     )
-    usage_events = [json.loads(line[6:]) for line in sse.decode().splitlines()
-                    if line.startswith("data: {") and '"usage":{' in line]
+    usage_events = [
+        json.loads(line[6:])
+        for line in sse.decode().splitlines()
+        if line.startswith("data: {") and '"usage":{' in line
+    ]
     openai_usage = usage_events[-1]
     await observed.wait(3)
     s = await scrape(http, gw.url)
 
     tokens = "ollama_gateway_tokens_total"
-    assert s.value(tokens, user="alice", model=generated["model"], kind="prompt") == (
-        generated["prompt_eval_count"])
-    assert s.value(tokens, user="alice", model=generated["model"], kind="completion") == (
-        generated["eval_count"])
-    assert s.value(tokens, user="ci-bot", model=chatted["model"], kind="prompt") == (
-        chatted["prompt_eval_count"])
-    assert s.value(tokens, user="ci-bot", model=chatted["model"], kind="completion") == (
-        chatted["eval_count"])
-    assert s.value(tokens, user="ci-bot", model=openai_usage["model"], kind="prompt") == (
-        openai_usage["usage"]["prompt_tokens"])
-    assert s.value(tokens, user="ci-bot", model=openai_usage["model"], kind="completion") == (
-        openai_usage["usage"]["completion_tokens"])
+    assert (
+        s.value(tokens, user="alice", model=generated["model"], kind="prompt")
+        == (generated["prompt_eval_count"])
+    )
+    assert (
+        s.value(tokens, user="alice", model=generated["model"], kind="completion")
+        == (generated["eval_count"])
+    )
+    assert (
+        s.value(tokens, user="ci-bot", model=chatted["model"], kind="prompt")
+        == (chatted["prompt_eval_count"])
+    )
+    assert (
+        s.value(tokens, user="ci-bot", model=chatted["model"], kind="completion")
+        == (chatted["eval_count"])
+    )
+    assert (
+        s.value(tokens, user="ci-bot", model=openai_usage["model"], kind="prompt")
+        == (openai_usage["usage"]["prompt_tokens"])
+    )
+    assert (
+        s.value(tokens, user="ci-bot", model=openai_usage["model"], kind="completion")
+        == (openai_usage["usage"]["completion_tokens"])
+    )
     assert s.value(tokens) == 26 + 10 + 7 + 3 + 11 + 5
     # Native records carry eval_duration: tokens/s observed for them (not for /v1).
     assert s.value("ollama_gateway_generation_tokens_per_second_count") == 2
     speed = generated["eval_count"] / (generated["eval_duration"] / 1e9)
-    assert abs(s.value("ollama_gateway_generation_tokens_per_second_sum",
-                       model=generated["model"]) - speed) < 1e-6
+    assert (
+        abs(
+            s.value("ollama_gateway_generation_tokens_per_second_sum", model=generated["model"])
+            - speed
+        )
+        < 1e-6
+    )
     assert s.value("ollama_gateway_requests_total", user="alice", status="200") == 1
     assert s.value("ollama_gateway_requests_total", user="ci-bot", status="200") == 2
 
@@ -125,8 +174,13 @@ async def test_requests_per_user_and_route_class(
             assert response.status == 200
     async with http.get(gw.url + "/api/tags", headers=basic("ops", PASSWORD)) as response:
         assert response.status == 200
-    await post(http, gw, "/api/generate", {"model": "llama3.2", "prompt": "hi"},
-               {"Authorization": f"Bearer {token('alice')}"})
+    await post(
+        http,
+        gw,
+        "/api/generate",
+        {"model": "llama3.2", "prompt": "hi"},
+        {"Authorization": f"Bearer {token('alice')}"},
+    )
     contexts = await observed.wait(4)
     tags_class, generate_class = contexts[0].route_class, contexts[3].route_class
     assert tags_class != generate_class  # the route table tells reads from inference
@@ -144,8 +198,9 @@ async def test_jwt_subjects_outside_the_config_never_become_labels(
     gw = await gateway_factory(config(fake.url))
     observed = Observed(gw.app)
     for sub in ("visitor-1", "visitor-2", "visitor-3"):
-        async with http.get(gw.url + "/api/tags",
-                            headers={"Authorization": f"Bearer {token(sub)}"}) as response:
+        async with http.get(
+            gw.url + "/api/tags", headers={"Authorization": f"Bearer {token(sub)}"}
+        ) as response:
             assert response.status == 200
     await observed.wait(3)
     s = await scrape(http, gw.url)
@@ -161,8 +216,12 @@ async def test_auth_failures_are_counted_by_method_and_reason(
     bad = {
         "basic": basic("alice", "wrong password"),
         "api_key": {"X-API-Key": "og_test_unknown_key_0123456789"},
-        "jwt": {"Authorization": "Bearer " + jwt.encode(
-            {"sub": "alice", "exp": int(time.time()) + 60}, "x" * 48, algorithm="HS256")},
+        "jwt": {
+            "Authorization": "Bearer "
+            + jwt.encode(
+                {"sub": "alice", "exp": int(time.time()) + 60}, "x" * 48, algorithm="HS256"
+            )
+        },
     }
     for headers in bad.values():
         async with http.get(gw.url + "/api/tags", headers=headers) as response:
@@ -186,10 +245,12 @@ async def test_auth_failures_are_counted_by_method_and_reason(
 async def test_rate_limit_rejections_are_counted_by_limit(
     gateway_factory: GatewayFactory, fake: FakeOllama, http: aiohttp.ClientSession
 ) -> None:
-    limited = {"roles": {
-        "user": {"models": ["*"], "limits": {"requests_per_minute": 1, "burst": 1}},
-        "admin": {"models": ["*"]},
-    }}
+    limited = {
+        "roles": {
+            "user": {"models": ["*"], "limits": {"requests_per_minute": 1, "burst": 1}},
+            "admin": {"models": ["*"]},
+        }
+    }
     gw = await gateway_factory(config(fake.url, **limited))
     observed = Observed(gw.app)
     statuses = []

@@ -56,8 +56,13 @@ def test_compose_file_matches_the_compose_specification(compose: dict[str, Any])
     errors = [f"{e.json_path}: {e.message}" for e in validator.iter_errors(compose)]
     assert errors == []
     # The validator is not a rubber stamp: a misspelt key is caught.
-    broken = {**compose, "services": {**compose["services"], "redis": {
-        **compose["services"]["redis"], "prots": ["6379:6379"]}}}
+    broken = {
+        **compose,
+        "services": {
+            **compose["services"],
+            "redis": {**compose["services"]["redis"], "prots": ["6379:6379"]},
+        },
+    }
     assert not validator.is_valid(broken)
 
 
@@ -119,8 +124,9 @@ def test_compose_gateway_config_fits_the_stack(
     assert config.metrics.listen is not None
     _host, metrics_port = parse_host_port(config.metrics.listen)
     scrape = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())
-    targets = [t for job in scrape["scrape_configs"] for sc in job["static_configs"]
-               for t in sc["targets"]]
+    targets = [
+        t for job in scrape["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]
+    ]
     assert f"gateway:{metrics_port}" in targets
     assert not any(str(metrics_port) in p for p in gateway["ports"])  # never published
 
@@ -166,8 +172,9 @@ def test_dockerfile_is_slim_non_root_and_serves_the_config() -> None:
 
 
 def healthcheck_command() -> list[str]:
-    healthcheck = next(rest for keyword, rest in dockerfile_instructions()
-                       if keyword == "HEALTHCHECK")
+    healthcheck = next(
+        rest for keyword, rest in dockerfile_instructions() if keyword == "HEALTHCHECK"
+    )
     command = json.loads(healthcheck.split("CMD", 1)[1].strip())
     assert isinstance(command, list) and command[0] == "python"  # no curl in slim
     return [sys.executable, *command[1:]]
@@ -183,8 +190,10 @@ async def test_dockerfile_healthcheck_probes_healthz(
 
     async def probe(url: str) -> int:
         proc = await asyncio.create_subprocess_exec(
-            *command, env={"GATEWAY_HEALTH_URL": url},
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            *command,
+            env={"GATEWAY_HEALTH_URL": url},
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
         )
         return await asyncio.wait_for(proc.wait(), 10)
 
@@ -219,8 +228,15 @@ def test_systemd_unit_is_hardened() -> None:
     # Streams get shutdown_grace, then cancelled handlers get as long again to unwind.
     assert float(one("TimeoutStopSec")) > 2 * DEFAULT_SHUTDOWN_GRACE
     assert one("DynamicUser") == "yes" or one("User") not in {"root", "0"}
-    for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "PrivateDevices",
-                "MemoryDenyWriteExecute", "RestrictNamespaces", "LockPersonality"):
+    for key in (
+        "NoNewPrivileges",
+        "ProtectHome",
+        "PrivateTmp",
+        "PrivateDevices",
+        "MemoryDenyWriteExecute",
+        "RestrictNamespaces",
+        "LockPersonality",
+    ):
         assert one(key) == "yes", key
     assert one("ProtectSystem") == "strict"
     assert one("CapabilityBoundingSet") == ""  # no capabilities at all
@@ -234,14 +250,18 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     script = Path(sys.executable).with_name("ollama-gateway")
     assert script.exists()
     unit = tmp_path / "ollama-gateway.service"
-    unit.write_text(
-        UNIT.read_text().replace("/opt/ollama-gateway/bin/ollama-gateway", str(script))
-    )
+    unit.write_text(UNIT.read_text().replace("/opt/ollama-gateway/bin/ollama-gateway", str(script)))
     result = subprocess.run(
-        [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60,
+        [analyze, "verify", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
-    problems = [line for line in result.stderr.splitlines()
-                if str(unit) in line or "Unknown" in line or "Failed" in line]
+    problems = [
+        line
+        for line in result.stderr.splitlines()
+        if str(unit) in line or "Unknown" in line or "Failed" in line
+    ]
     assert result.returncode == 0, result.stderr
     assert problems == []
 
@@ -253,7 +273,8 @@ def test_commands_named_in_the_deployment_files_exist() -> None:
 
     text = COMPOSE.read_text() + UNIT.read_text() + DOCKER_CONFIG.read_text()
     named = set(re.findall(r"ollama-gateway ([a-z][a-z-]+)(?= --| \\$|$)", text, re.M))
-    subparsers = next(a for a in build_parser()._actions
-                      if isinstance(a, argparse._SubParsersAction))
+    subparsers = next(
+        a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    )
     assert {"serve", "token"} <= named
     assert named <= set(subparsers.choices)

@@ -33,9 +33,14 @@ async def slow_fake() -> FakeOllama:
 async def test_overrides_win_over_the_file(tmp_path: Path, fake: FakeOllama) -> None:
     # The file names a non-loopback address (with no credentials: refused on its own) and an
     # upstream that does not answer; secure defaults judge the address really listened on.
-    config = write_config(tmp_path / "gateway.yaml", {
-        "listen": "203.0.113.1:1", "upstream": {"url": CLOSED_PORT_URL}, "routes": PUBLIC_ROUTES,
-    })
+    config = write_config(
+        tmp_path / "gateway.yaml",
+        {
+            "listen": "203.0.113.1:1",
+            "upstream": {"url": CLOSED_PORT_URL},
+            "routes": PUBLIC_ROUTES,
+        },
+    )
     async with running_gateway(
         "--config", str(config), "--listen", "127.0.0.1:0", "--upstream", fake.url
     ) as gw:
@@ -62,9 +67,14 @@ async def test_bad_override_is_refused(tmp_path: Path) -> None:
 async def test_sigterm_lets_the_stream_finish_and_refuses_new_connections(
     tmp_path: Path, slow_fake: FakeOllama
 ) -> None:
-    config = write_config(tmp_path / "gateway.yaml", {
-        "upstream": {"url": slow_fake.url}, "routes": PUBLIC_ROUTES, "shutdown_grace": 20,
-    })
+    config = write_config(
+        tmp_path / "gateway.yaml",
+        {
+            "upstream": {"url": slow_fake.url},
+            "routes": PUBLIC_ROUTES,
+            "shutdown_grace": 20,
+        },
+    )
     async with running_gateway("--config", str(config), "--listen", "127.0.0.1:0") as gw:
         async with aiohttp.ClientSession() as http:
             body = {"model": "llama3.2", "prompt": "tell me a story"}
@@ -89,13 +99,16 @@ async def test_sigterm_lets_the_stream_finish_and_refuses_new_connections(
         assert await gw.wait_exit() == 0
 
 
-async def test_sigterm_cancels_what_outlives_the_grace(
-    tmp_path: Path, fake: FakeOllama
-) -> None:
+async def test_sigterm_cancels_what_outlives_the_grace(tmp_path: Path, fake: FakeOllama) -> None:
     fake.hang_after_chunks = 1  # a stream that would never end
-    config = write_config(tmp_path / "gateway.yaml", {
-        "upstream": {"url": fake.url}, "routes": PUBLIC_ROUTES, "shutdown_grace": 0.5,
-    })
+    config = write_config(
+        tmp_path / "gateway.yaml",
+        {
+            "upstream": {"url": fake.url},
+            "routes": PUBLIC_ROUTES,
+            "shutdown_grace": 0.5,
+        },
+    )
     async with running_gateway("--config", str(config)) as gw:
         async with aiohttp.ClientSession() as http:
             body = {"model": "llama3.2", "prompt": "hi"}

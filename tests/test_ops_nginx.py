@@ -52,8 +52,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def nginx_config(tmp_path: Path, cert: CertFiles, gateway: str, https_port: int,
-                 http_port: int) -> Path:
+def nginx_config(
+    tmp_path: Path, cert: CertFiles, gateway: str, https_port: int, http_port: int
+) -> Path:
     site = SITE.read_text()
     site = site.replace("/etc/ssl/ollama-gateway/fullchain.pem", str(cert.cert))
     site = site.replace("/etc/ssl/ollama-gateway/privkey.pem", str(cert.key))
@@ -106,17 +107,24 @@ async def nginx_in_front(
     tmp_path: Path, gateway_factory: GatewayFactory, fake: FakeOllama
 ) -> AsyncIterator[tuple[str, CertFiles]]:
     nginx = require_binary("nginx")
-    gw = await gateway_factory({
-        "upstream": {"url": fake.url},
-        "trusted_proxies": ["127.0.0.1/32"],
-        "routes": [{"path": "/api/generate", "methods": ["POST"], "public": True}],
-    })
+    gw = await gateway_factory(
+        {
+            "upstream": {"url": fake.url},
+            "trusted_proxies": ["127.0.0.1/32"],
+            "routes": [{"path": "/api/generate", "methods": ["POST"], "public": True}],
+        }
+    )
     cert = make_certificate(tmp_path)
     https_port, http_port = free_port(), free_port()
     main = nginx_config(tmp_path, cert, gw.host_port, https_port, http_port)
     proc = await asyncio.create_subprocess_exec(
-        nginx, "-c", str(main), "-p", str(tmp_path),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        nginx,
+        "-c",
+        str(main),
+        "-p",
+        str(tmp_path),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     try:
         await wait_listening(https_port, proc)

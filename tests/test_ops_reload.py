@@ -48,8 +48,9 @@ async def fake_b() -> AsyncIterator[FakeOllama]:
         await server.close()
 
 
-def settings(upstream: str, users: dict[str, Any], routes: list[dict[str, Any]],
-             **extra: Any) -> dict[str, Any]:
+def settings(
+    upstream: str, users: dict[str, Any], routes: list[dict[str, Any]], **extra: Any
+) -> dict[str, Any]:
     return {
         "listen": "127.0.0.1:0",
         "upstream": {"url": upstream},
@@ -69,8 +70,12 @@ async def reload(gw: GatewayProcess, expect: str) -> None:
     await gw.wait_line(expect, after=mark)
 
 
-async def status(http: aiohttp.ClientSession, url: str, headers: dict[str, str],
-                 body: dict[str, Any] | None = None) -> int:
+async def status(
+    http: aiohttp.ClientSession,
+    url: str,
+    headers: dict[str, str],
+    body: dict[str, Any] | None = None,
+) -> int:
     if body is None:
         async with http.get(url, headers=headers) as resp:
             await resp.read()
@@ -83,10 +88,14 @@ async def status(http: aiohttp.ClientSession, url: str, headers: dict[str, str],
 async def test_sighup_swaps_users_upstream_routes_and_limits(
     tmp_path: Path, fake: FakeOllama, fake_b: FakeOllama, hashes: dict[str, str]
 ) -> None:
-    path = write_config(tmp_path / "gateway.yaml", settings(
-        fake.url, {"alice": {"password": hashes["alice"], "roles": ["user"]}},
-        [GENERATE_FOR_USERS],
-    ))
+    path = write_config(
+        tmp_path / "gateway.yaml",
+        settings(
+            fake.url,
+            {"alice": {"password": hashes["alice"], "roles": ["user"]}},
+            [GENERATE_FOR_USERS],
+        ),
+    )
     async with running_gateway("--config", str(path)) as gw, aiohttp.ClientSession() as http:
         generate, version = f"{gw.url}/api/generate", f"{gw.url}/api/version"
         assert await status(http, generate, ALICE, GENERATE) == 200
@@ -94,14 +103,18 @@ async def test_sighup_swaps_users_upstream_routes_and_limits(
         assert await status(http, version, {}) == 403  # no route for it yet
         assert len(fake.requests_to("/api/generate")) == 1
 
-        write_config(path, settings(
-            fake_b.url, {"bob": {"password": hashes["bob"], "roles": ["user"]}},
-            [GENERATE_FOR_USERS, {"path": "/api/version", "methods": ["GET"], "public": True}],
-            roles={
-                "user": {"models": ["*"], "limits": {"requests_per_minute": 1, "burst": 1}},
-                "admin": {"models": ["*"]},
-            },
-        ))
+        write_config(
+            path,
+            settings(
+                fake_b.url,
+                {"bob": {"password": hashes["bob"], "roles": ["user"]}},
+                [GENERATE_FOR_USERS, {"path": "/api/version", "methods": ["GET"], "public": True}],
+                roles={
+                    "user": {"models": ["*"], "limits": {"requests_per_minute": 1, "burst": 1}},
+                    "admin": {"models": ["*"]},
+                },
+            ),
+        )
         await reload(gw, r"config reloaded from .* \(generation 1\)")
 
         assert await status(http, generate, ALICE, GENERATE) == 401  # user removed
@@ -120,22 +133,29 @@ async def test_a_bad_file_keeps_the_old_config_and_logs_every_problem(
     tmp_path: Path, fake: FakeOllama, hashes: dict[str, str]
 ) -> None:
     good = settings(
-        fake.url, {"alice": {"password": hashes["alice"], "roles": ["user", "admin"]}},
+        fake.url,
+        {"alice": {"password": hashes["alice"], "roles": ["user", "admin"]}},
         [GENERATE_FOR_USERS, METRICS_FOR_ADMINS],
     )
     path = write_config(tmp_path / "gateway.yaml", good)
     async with running_gateway("--config", str(path)) as gw, aiohttp.ClientSession() as http:
         generate = f"{gw.url}/api/generate"
         bad = settings(
-            "ftp://ollama", {"alice": {"password": "hunter2-not-a-hash", "roles": ["ghost"]}},
+            "ftp://ollama",
+            {"alice": {"password": "hunter2-not-a-hash", "roles": ["ghost"]}},
             [{"path": "/api/generate", "methods": ["POST"]}],
             shutdown_grase=5,
         )
         write_config(path, bad)
         await reload(gw, r"reload of .* failed \(\d+ problem\(s\)\); still serving generation 0")
         refused = [line for line in gw.lines if "reload refused:" in line]
-        for key in ("shutdown_grase", "upstream.url", "auth.users.alice.password",
-                    "auth.users.alice.roles", "routes[0]"):
+        for key in (
+            "shutdown_grase",
+            "upstream.url",
+            "auth.users.alice.password",
+            "auth.users.alice.roles",
+            "routes[0]",
+        ):
             assert any(f"reload refused: {key}" in line for line in refused), (key, refused)
         assert not any("hunter2" in line for line in gw.lines)  # no secret in logs
 
@@ -158,20 +178,28 @@ async def test_a_stream_in_flight_finishes_on_the_old_config(
 ) -> None:
     slow = await FakeOllama(chunks=6, chunk_delay=0.15).start()
     try:
-        path = write_config(tmp_path / "gateway.yaml", settings(
-            slow.url, {"alice": {"password": hashes["alice"], "roles": ["user"]}},
-            [GENERATE_FOR_USERS],
-        ))
+        path = write_config(
+            tmp_path / "gateway.yaml",
+            settings(
+                slow.url,
+                {"alice": {"password": hashes["alice"], "roles": ["user"]}},
+                [GENERATE_FOR_USERS],
+            ),
+        )
         async with running_gateway("--config", str(path)) as gw, aiohttp.ClientSession() as http:
             body = {"model": "llama3.2", "prompt": "a long story"}
             async with http.post(f"{gw.url}/api/generate", json=body, headers=ALICE) as resp:
                 assert resp.status == 200
                 first = await resp.content.readline()
                 # Alice removed and the upstream moved away while her stream runs.
-                write_config(path, settings(
-                    CLOSED_PORT_URL, {"bob": {"password": hashes["bob"], "roles": ["user"]}},
-                    [GENERATE_FOR_USERS],
-                ))
+                write_config(
+                    path,
+                    settings(
+                        CLOSED_PORT_URL,
+                        {"bob": {"password": hashes["bob"], "roles": ["user"]}},
+                        [GENERATE_FOR_USERS],
+                    ),
+                )
                 await reload(gw, r"config reloaded from .* \(generation 1\)")
                 assert await status(http, f"{gw.url}/api/generate", ALICE, GENERATE) == 401
                 rest = await resp.content.read()
@@ -186,16 +214,27 @@ async def test_cli_overrides_stay_in_force_after_reload(
     tmp_path: Path, fake: FakeOllama, hashes: dict[str, str]
 ) -> None:
     users = {"alice": {"password": hashes["alice"], "roles": ["user"]}}
-    path = write_config(tmp_path / "gateway.yaml", {
-        **settings(CLOSED_PORT_URL, users, [GENERATE_FOR_USERS]), "listen": "127.0.0.1:1",
-    })
-    async with running_gateway(
-        "--config", str(path), "--listen", "127.0.0.1:0", "--upstream", fake.url
-    ) as gw, aiohttp.ClientSession() as http:
+    path = write_config(
+        tmp_path / "gateway.yaml",
+        {
+            **settings(CLOSED_PORT_URL, users, [GENERATE_FOR_USERS]),
+            "listen": "127.0.0.1:1",
+        },
+    )
+    async with (
+        running_gateway(
+            "--config", str(path), "--listen", "127.0.0.1:0", "--upstream", fake.url
+        ) as gw,
+        aiohttp.ClientSession() as http,
+    ):
         users["bob"] = {"password": hashes["bob"], "roles": ["user"]}
-        write_config(path, {
-            **settings(CLOSED_PORT_URL, users, [GENERATE_FOR_USERS]), "listen": "127.0.0.1:2",
-        })
+        write_config(
+            path,
+            {
+                **settings(CLOSED_PORT_URL, users, [GENERATE_FOR_USERS]),
+                "listen": "127.0.0.1:2",
+            },
+        )
         await reload(gw, r"config reloaded from .* \(generation 1\)")
         assert await status(http, f"{gw.url}/api/generate", BOB, GENERATE) == 200
         assert len(fake.requests_to("/api/generate")) == 1  # --upstream, not the file's
@@ -208,13 +247,19 @@ async def test_settings_that_need_a_restart_are_kept_and_named(
     users = {"alice": {"password": hashes["alice"], "roles": ["user"]}}
     path = write_config(tmp_path / "gateway.yaml", settings(fake.url, users, [GENERATE_FOR_USERS]))
     async with running_gateway("--config", str(path)) as gw, aiohttp.ClientSession() as http:
-        write_config(path, {
-            **settings(fake.url, users, [GENERATE_FOR_USERS]),
-            "listen": "127.0.0.1:1", "shutdown_grace": 3,
-        })
+        write_config(
+            path,
+            {
+                **settings(fake.url, users, [GENERATE_FOR_USERS]),
+                "listen": "127.0.0.1:1",
+                "shutdown_grace": 3,
+            },
+        )
         await reload(gw, r"config reloaded from .* \(generation 1\)")
-        await gw.wait_line(r"listen changed to '127\.0\.0\.1:1': restart to apply "
-                           r"\(still '127\.0\.0\.1:0'\)")
+        await gw.wait_line(
+            r"listen changed to '127\.0\.0\.1:1': restart to apply "
+            r"\(still '127\.0\.0\.1:0'\)"
+        )
         await gw.wait_line(r"shutdown_grace changed to 3\.0: restart to apply \(still 30\.0\)")
         assert await status(http, f"{gw.url}/api/generate", ALICE, GENERATE) == 200
 

@@ -41,9 +41,12 @@ async def test_loopback_without_credentials_is_fine(tmp_path: Path) -> None:
 
 
 async def test_refuses_a_short_hs_secret(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "gateway.yaml", {
-        "auth": {"jwt": {"algorithms": ["HS256"], "secret": "${SHORT_SECRET}"}},
-    })
+    config = write_config(
+        tmp_path / "gateway.yaml",
+        {
+            "auth": {"jwt": {"algorithms": ["HS256"], "secret": "${SHORT_SECRET}"}},
+        },
+    )
     env = cli_env(SHORT_SECRET="too-short-secret")  # 16 bytes
     code, out, err = await run_cli("serve", "--config", str(config), env=env)
     assert code == 2
@@ -61,11 +64,16 @@ async def test_refuses_a_short_hs_secret(tmp_path: Path) -> None:
 async def test_network_address_with_credentials_starts_and_warns(
     tmp_path: Path, fake: FakeOllama
 ) -> None:
-    config = write_config(tmp_path / "gateway.yaml", {
-        "listen": "0.0.0.0:0", "upstream": {"url": fake.url}, "auth": {"api_keys": [API_KEY]},
-        # Even a route table calling /metrics public does not make the metrics public.
-        "routes": [{"path": "/metrics", "methods": ["GET"], "public": True}],
-    })
+    config = write_config(
+        tmp_path / "gateway.yaml",
+        {
+            "listen": "0.0.0.0:0",
+            "upstream": {"url": fake.url},
+            "auth": {"api_keys": [API_KEY]},
+            # Even a route table calling /metrics public does not make the metrics public.
+            "routes": [{"path": "/metrics", "methods": ["GET"], "public": True}],
+        },
+    )
     async with running_gateway("--config", str(config)) as gw:
         port = gw.url.rsplit(":", 1)[1]
         await gw.wait_line(r"serving plain HTTP on 0\.0\.0\.0:0, a non-loopback address")
@@ -80,26 +88,34 @@ async def test_network_address_with_credentials_starts_and_warns(
 async def test_public_metrics_on_a_network_address_must_be_explicit(
     tmp_path: Path, fake: FakeOllama
 ) -> None:
-    config = write_config(tmp_path / "gateway.yaml", {
-        "listen": "0.0.0.0:0", "upstream": {"url": fake.url}, "auth": {"api_keys": [API_KEY]},
-        "metrics": {"public": True},
-    })
+    config = write_config(
+        tmp_path / "gateway.yaml",
+        {
+            "listen": "0.0.0.0:0",
+            "upstream": {"url": fake.url},
+            "auth": {"api_keys": [API_KEY]},
+            "metrics": {"public": True},
+        },
+    )
     async with running_gateway("--config", str(config)) as gw:
         port = gw.url.rsplit(":", 1)[1]
-        await gw.wait_line(r"metrics\.public is true: /metrics on 0\.0\.0\.0:0 needs no "
-                           r"credentials")
-        async with aiohttp.ClientSession() as http, http.get(
-            f"http://127.0.0.1:{port}/metrics"
-        ) as resp:
+        await gw.wait_line(
+            r"metrics\.public is true: /metrics on 0\.0\.0\.0:0 needs no "
+            r"credentials"
+        )
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/metrics") as resp,
+        ):
             assert resp.status == 200
             assert "ollama_gateway_config_reloads_total" in await resp.text()
 
 
-async def test_reload_refuses_a_config_that_fails_them(
-    tmp_path: Path, fake: FakeOllama
-) -> None:
+async def test_reload_refuses_a_config_that_fails_them(tmp_path: Path, fake: FakeOllama) -> None:
     settings = {
-        "listen": "0.0.0.0:0", "upstream": {"url": fake.url}, "auth": {"api_keys": [API_KEY]},
+        "listen": "0.0.0.0:0",
+        "upstream": {"url": fake.url},
+        "auth": {"api_keys": [API_KEY]},
         "metrics": {"public": True},
     }
     config = write_config(tmp_path / "gateway.yaml", settings)
@@ -110,9 +126,10 @@ async def test_reload_refuses_a_config_that_fails_them(
         gw.send(signal.SIGHUP)
         await gw.wait_line(rf"reload refused: auth: {NO_CREDENTIALS}")
         await gw.wait_line(r"still serving generation 0")
-        async with aiohttp.ClientSession() as http, http.get(
-            f"http://127.0.0.1:{port}/metrics"
-        ) as resp:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/metrics") as resp,
+        ):
             text = await resp.text()
         assert 'ollama_gateway_config_reloads_total{result="failure"} 1.0' in text
         assert 'ollama_gateway_config_reloads_total{result="success"} 0.0' in text

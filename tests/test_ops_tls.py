@@ -51,9 +51,14 @@ async def handshake(host_port: str, context: ssl.SSLContext) -> str:
 
 async def test_https_with_a_certificate_made_here(tmp_path: Path, fake: FakeOllama) -> None:
     cert = make_certificate(tmp_path)
-    config = write_config(tmp_path / "gateway.yaml", {
-        "upstream": {"url": fake.url}, "routes": PUBLIC_ROUTES, "tls": cert.tls,
-    })
+    config = write_config(
+        tmp_path / "gateway.yaml",
+        {
+            "upstream": {"url": fake.url},
+            "routes": PUBLIC_ROUTES,
+            "tls": cert.tls,
+        },
+    )
     async with running_gateway("--config", str(config), "--listen", "127.0.0.1:0") as gw:
         assert gw.url.startswith("https://127.0.0.1:")
         connector = aiohttp.TCPConnector(ssl=client_context(cert))

@@ -41,8 +41,18 @@ def test_every_spelling_go_would_bind_is_a_candidate() -> None:
 
 @pytest.mark.parametrize(
     "body",
-    ['{"model":1}', '{"model":["a"]}', '{"model":{"a":1}}', "[1]", '"x"', "{", "",
-     '{"model":"a"}{"model":"b"}', '{"model":NaN}', "\ufeff{}"],
+    [
+        '{"model":1}',
+        '{"model":["a"]}',
+        '{"model":{"a":1}}',
+        "[1]",
+        '"x"',
+        "{",
+        "",
+        '{"model":"a"}{"model":"b"}',
+        '{"model":NaN}',
+        "\ufeff{}",
+    ],
 )
 def test_unreadable_bodies_are_400(body: str) -> None:
     with pytest.raises(BodyError):
@@ -67,12 +77,14 @@ def part(name: str, value: str, extra: str = "") -> str:
 @pytest.mark.parametrize(
     ("body", "found"),
     [
-        (part("model", "whisper") + part("file", "RIFF", '; filename="a.wav"') + "--B--\r\n",
-         ["whisper"]),
+        (
+            part("model", "whisper") + part("file", "RIFF", '; filename="a.wav"') + "--B--\r\n",
+            ["whisper"],
+        ),
         (part("model", "a") + part("MODEL", "b") + "--B--", ["a", "b"]),
         (part("file", "x\r\n--Bx not a delimiter") + part("model", "m") + "--B--", ["m"]),
         (part("prompt", "hi") + "--B--\r\nepilogue " + part("model", "hidden"), []),
-        ('--B \t\r\nContent-Disposition: form-data; name=model\r\n\r\nm\r\n--B--', ["m"]),
+        ("--B \t\r\nContent-Disposition: form-data; name=model\r\n\r\nm\r\n--B--", ["m"]),
         ('--B\r\ncontent-disposition: form-data; name="mo\\del"\r\n\r\nm\r\n--B--', ["m"]),
         ("--B\r\n\r\nno headers\r\n--B--", []),
     ],
@@ -89,17 +101,28 @@ def test_multipart_model_fields(body: str, found: list[str]) -> None:
         ("multipart/form-data; boundary=B; boundary=C", part("model", "m") + "--B--"),
         ("multipart/form-data; boundary*=B", part("model", "m") + "--B--"),
         ("multipart/form-data; boundary=B", "preamble\r\n" + part("model", "m") + "--B--"),
-        ("multipart/form-data; boundary=B", "--B\nContent-Disposition: form-data; name=model"
-         "\n\nm\n--B--"),  # LF-only framing
+        (
+            "multipart/form-data; boundary=B",
+            "--B\nContent-Disposition: form-data; name=model\n\nm\n--B--",
+        ),  # LF-only framing
         ("multipart/form-data; boundary=B", part("model", "m")),  # no closing delimiter
-        ("multipart/form-data; boundary=B", "--B\r\nContent-Disposition: form-data;\r\n "
-         'name="model"\r\n\r\nm\r\n--B--'),  # folded header
-        ("multipart/form-data; boundary=B", "--B\r\nContent-Disposition: form-data; "
-         "name*=utf-8''model\r\n\r\nm\r\n--B--"),  # RFC 2231 spelling
-        ("multipart/form-data; boundary=B", "--B\r\nContent-Disposition: form-data; "
-         'name="model"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n=6D\r\n--B--'),
-        ("multipart/form-data; boundary=B", "--B\r\nContent-Disposition: form-data; "
-         'name="model\r\n\r\nm\r\n--B--'),  # unparseable, mentions model
+        (
+            "multipart/form-data; boundary=B",
+            '--B\r\nContent-Disposition: form-data;\r\n name="model"\r\n\r\nm\r\n--B--',
+        ),  # folded header
+        (
+            "multipart/form-data; boundary=B",
+            "--B\r\nContent-Disposition: form-data; name*=utf-8''model\r\n\r\nm\r\n--B--",
+        ),  # RFC 2231 spelling
+        (
+            "multipart/form-data; boundary=B",
+            "--B\r\nContent-Disposition: form-data; "
+            'name="model"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n=6D\r\n--B--',
+        ),
+        (
+            "multipart/form-data; boundary=B",
+            '--B\r\nContent-Disposition: form-data; name="model\r\n\r\nm\r\n--B--',
+        ),  # unparseable, mentions model
         ("multipart/form-data; boundary=B", "--Bjunk\r\n\r\nm\r\n--B--"),
     ],
 )
@@ -113,8 +136,9 @@ def test_decompression_is_bounded_and_strict() -> None:
     assert decode_body(gzip.compress(data), ["gzip"], 100) == data
     assert decode_body(zlib.compress(data), ["deflate"], 100) == data
     assert decode_body(zstandard.ZstdCompressor().compress(data), ["zstd"], 100) == data
-    two_frames = zstandard.ZstdCompressor().compress(data[:5]) + zstandard.ZstdCompressor(
-    ).compress(data[5:])
+    two_frames = zstandard.ZstdCompressor().compress(
+        data[:5]
+    ) + zstandard.ZstdCompressor().compress(data[5:])
     assert decode_body(two_frames, ["zstd"], 100) == data  # Go reads every frame too
     stacked = zstandard.ZstdCompressor().compress(gzip.compress(data))
     assert decode_body(stacked, content_codings(["gzip", "zstd"]), 100) == data
@@ -187,7 +211,9 @@ def test_listing_tap() -> None:
     assert run_tap(ListingTap(TAGS, allow_local), 200, headers(), [b"<html>"]) == b"<html>"
     # Compressed listings are filtered and re-compressed; unreadable ones show nothing.
     zipped = run_tap(
-        ListingTap(TAGS, allow_local), 200, headers(**{"Content-Encoding": "gzip"}),
+        ListingTap(TAGS, allow_local),
+        200,
+        headers(**{"Content-Encoding": "gzip"}),
         [gzip.compress(body)],
     )
     assert b"gpt-oss" not in gzip.decompress(zipped)
@@ -210,11 +236,18 @@ def test_cors_policy() -> None:
     )
     assert cors.allows("https://app.example") and cors.allows("HTTPS://APP.EXAMPLE")
     assert cors.allows("https://a.b.corp.example")
-    for bad in ("https://evil.example", "https://app.example.evil", "null",
-                "https://corp.example", "https://x.corp.example.evil", "http://app.example"):
+    for bad in (
+        "https://evil.example",
+        "https://app.example.evil",
+        "null",
+        "https://corp.example",
+        "https://x.corp.example.evil",
+        "http://app.example",
+    ):
         assert not cors.allows(bad), bad
     answer = cors.preflight(
-        "https://app.example", "POST",
+        "https://app.example",
+        "POST",
         "Authorization, content-type, X-Stainless-OS, x-stainless-retry-count, x-evil",
     )
     assert answer["Access-Control-Allow-Origin"] == "https://app.example"

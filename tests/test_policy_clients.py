@@ -45,8 +45,12 @@ async def test_user_inference_and_filtered_listings(
     locked: RunningGateway, fake: FakeOllama
 ) -> None:
     async with client(locked, "alice") as alice:
-        parts = [p async for p in await alice.chat(
-            "llama3.2", [{"role": "user", "content": "hi"}], stream=True)]
+        parts = [
+            p
+            async for p in await alice.chat(
+                "llama3.2", [{"role": "user", "content": "hi"}], stream=True
+            )
+        ]
         assert parts[-1].done
         generated = await alice.generate("Llama3.2:latest", "hi")  # names compare like Ollama
         assert generated.done
@@ -122,19 +126,23 @@ async def test_openai_sdk_allowed_and_refused(locked: RunningGateway, fake: Fake
         assert "llama3.2:latest" in ids and CLOUD not in ids
         assert (await alice.models.retrieve("llama3.2")).id == "llama3.2"
         done = await alice.chat.completions.create(
-            model="llama3.2", messages=[{"role": "user", "content": "hi"}])
+            model="llama3.2", messages=[{"role": "user", "content": "hi"}]
+        )
         assert done.choices[0].message.content
         stream = await alice.chat.completions.create(
-            model="llama3.2", messages=[{"role": "user", "content": "hi"}], stream=True)
+            model="llama3.2", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
         assert [chunk async for chunk in stream]
         assert (await alice.embeddings.create(model="all-minilm", input="x")).data
         heard = await alice.audio.transcriptions.create(
-            model="llama3.2", file=("a.wav", b"RIFF....WAVE"))
+            model="llama3.2", file=("a.wav", b"RIFF....WAVE")
+        )
         assert heard.text is not None
         seen = len(fake.requests)
         with pytest.raises(openai.PermissionDeniedError) as caught:
             await alice.chat.completions.create(
-                model=CLOUD, messages=[{"role": "user", "content": "x"}])
+                model=CLOUD, messages=[{"role": "user", "content": "x"}]
+            )
         assert caught.value.status_code == 403
         with pytest.raises(openai.PermissionDeniedError):
             await alice.models.retrieve(CLOUD)

@@ -49,7 +49,9 @@ class Contexts:
 
 
 async def post(
-    http: aiohttp.ClientSession, url: str, data: bytes | AsyncIterator[bytes],
+    http: aiohttp.ClientSession,
+    url: str,
+    data: bytes | AsyncIterator[bytes],
     headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, str]]:
     async with http.post(url, data=data, headers={**ALICE, **(headers or {})}) as response:
@@ -116,7 +118,10 @@ async def test_body_bounds(
     ],
 )
 async def test_malformed_or_ambiguous_bodies_are_never_forwarded(
-    locked: RunningGateway, fake: FakeOllama, http: aiohttp.ClientSession, data: bytes,
+    locked: RunningGateway,
+    fake: FakeOllama,
+    http: aiohttp.ClientSession,
+    data: bytes,
     status: int,
 ) -> None:
     got, body = await post(http, locked.url + "/api/chat", data)
@@ -167,8 +172,9 @@ async def test_transcription_model_field(
         assert response.status == 403
     async with http.post(url, data=form(None), headers=ALICE) as response:
         assert response.status == 400  # some Ollama versions would use a model "default"
-    async with http.post(url + "?model=gpt-oss:120b-cloud", data=form("llama3.2"),
-                         headers=ALICE) as response:
+    async with http.post(
+        url + "?model=gpt-oss:120b-cloud", data=form("llama3.2"), headers=ALICE
+    ) as response:
         assert response.status == 400  # Go's FormValue prefers the query: not accepted
     assert fake.requests == []
     async with http.post(url, data=form("llama3.2"), headers=ALICE) as response:
@@ -233,14 +239,21 @@ async def test_open_mode_relays_everything(
 async def test_routes_without_credentials_allow_public_rules_only(
     gateway_factory: GatewayFactory, fake: FakeOllama, http: aiohttp.ClientSession
 ) -> None:
-    gw = await gateway_factory({
-        "upstream": {"url": fake.url},
-        "routes": [{"path": "/api/tags", "methods": ["GET"], "public": True},
-                   {"path": "/api/chat", "methods": ["POST"], "public": True},
-                   {"path": "/api/*", "methods": ["*"], "authenticated": True}],
-        "roles": {"user": {"models": ["*"]}, "admin": {"models": ["*"]},
-                  "anonymous": {"models": ["qwen*"]}},
-    })
+    gw = await gateway_factory(
+        {
+            "upstream": {"url": fake.url},
+            "routes": [
+                {"path": "/api/tags", "methods": ["GET"], "public": True},
+                {"path": "/api/chat", "methods": ["POST"], "public": True},
+                {"path": "/api/*", "methods": ["*"], "authenticated": True},
+            ],
+            "roles": {
+                "user": {"models": ["*"]},
+                "admin": {"models": ["*"]},
+                "anonymous": {"models": ["qwen*"]},
+            },
+        }
+    )
     async with http.get(gw.url + "/api/tags") as response:
         assert [m["name"] for m in (await response.json())["models"]] == ["qwen2.5:7b"]
     async with http.post(gw.url + "/api/chat", json={**CHAT, "model": "qwen2.5:7b"}) as r:
@@ -258,15 +271,19 @@ async def test_cors(
     gw = await gateway_factory(
         policy_config(fake.url, cors={"origins": ["https://app.example"], "max_age": 60})
     )
-    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"}
+    preflight = {
+        "Origin": "https://app.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os",
+    }
     async with http.options(gw.url + "/api/chat", headers=preflight) as response:
         assert response.status == 204
         assert response.headers["Access-Control-Allow-Origin"] == "https://app.example"
         assert "x-stainless-os" in response.headers["Access-Control-Allow-Headers"]
         assert response.headers["Access-Control-Max-Age"] == "60"
-    async with http.options(gw.url + "/api/chat",
-                            headers={**preflight, "Origin": "https://evil.example"}) as r:
+    async with http.options(
+        gw.url + "/api/chat", headers={**preflight, "Origin": "https://evil.example"}
+    ) as r:
         assert r.status == 403 and "Access-Control-Allow-Origin" not in r.headers
     origin = {"Origin": "https://app.example"}
     async with http.post(gw.url + "/api/chat", json=CHAT, headers={**ALICE, **origin}) as r:
@@ -293,7 +310,8 @@ async def test_cors_off_refuses_preflights(
         assert await response.json() == {"error": "CORS is not enabled on this gateway"}
     async with http.get(locked.url + "/api/tags", headers={**ALICE, **headers}) as response:
         assert response.status == 403  # foreign origin + Basic: refused
-    async with http.get(locked.url + "/api/tags",
-                        headers={"Authorization": f"Bearer {ROOT_KEY}", **headers}) as r:
+    async with http.get(
+        locked.url + "/api/tags", headers={"Authorization": f"Bearer {ROOT_KEY}", **headers}
+    ) as r:
         assert r.status == 200 and "Access-Control-Allow-Origin" not in r.headers
     assert [r.method for r in fake.requests] == ["GET"]

@@ -44,8 +44,13 @@ BUILTIN = RouteTable(BUILTIN_ROUTES)
         ("HEAD", "/api/blobs/sha256:ab", Access.UNAUTHENTICATED, Access.FORBIDDEN, Access.ALLOW),
         ("POST", "/api/me", Access.UNAUTHENTICATED, Access.FORBIDDEN, Access.ALLOW),
         ("POST", "/api/signout", Access.UNAUTHENTICATED, Access.FORBIDDEN, Access.ALLOW),
-        ("POST", "/api/experimental/web_search", Access.UNAUTHENTICATED, Access.FORBIDDEN,
-         Access.ALLOW),
+        (
+            "POST",
+            "/api/experimental/web_search",
+            Access.UNAUTHENTICATED,
+            Access.FORBIDDEN,
+            Access.ALLOW,
+        ),
         # Case and method: same decision whatever the spelling; unlisted methods refused.
         ("POST", "/API/PULL", Access.UNAUTHENTICATED, Access.FORBIDDEN, Access.ALLOW),
         ("GET", "/api/pull", Access.FORBIDDEN, Access.FORBIDDEN, Access.FORBIDDEN),
@@ -68,12 +73,14 @@ def test_builtin_table(
 
 
 def test_first_match_wins_and_kinds() -> None:
-    table = RouteTable([
-        RouteRule(path="/v1/embeddings", methods=("POST",), deny=True),
-        RouteRule(path="/v1/*", methods=("*",), roles=("user",)),
-        RouteRule(path="/open/*", methods=("GET",), public=True),
-        RouteRule(path="/any", methods=("GET",), authenticated=True),
-    ])
+    table = RouteTable(
+        [
+            RouteRule(path="/v1/embeddings", methods=("POST",), deny=True),
+            RouteRule(path="/v1/*", methods=("*",), roles=("user",)),
+            RouteRule(path="/open/*", methods=("GET",), public=True),
+            RouteRule(path="/any", methods=("GET",), authenticated=True),
+        ]
+    )
     assert table.decide("POST", "/v1/embeddings", ADMIN) is Access.FORBIDDEN  # deny first
     assert table.decide("POST", "/v1/embeddings", None) is Access.FORBIDDEN
     assert table.decide("POST", "/v1/chat/completions", USER) is Access.ALLOW
@@ -94,11 +101,20 @@ def test_rule_paths_compare_case_insensitively_and_without_trailing_slash() -> N
 
 @pytest.mark.parametrize(
     ("path", "label"),
-    [("/", "public"), ("/api/version", "public"), ("/api/chat", "inference"),
-     ("/v1/audio/transcriptions", "inference"), ("/api/tags", "read"),
-     ("/v1/models/x", "read"), ("/api/pull", "management"), ("/api/blobs/sha256:1", "management"),
-     ("/api/me", "cloud"), ("/api/experimental/web_fetch", "cloud"), ("/whatever", "other"),
-     ("/API/CHAT", "inference")],
+    [
+        ("/", "public"),
+        ("/api/version", "public"),
+        ("/api/chat", "inference"),
+        ("/v1/audio/transcriptions", "inference"),
+        ("/api/tags", "read"),
+        ("/v1/models/x", "read"),
+        ("/api/pull", "management"),
+        ("/api/blobs/sha256:1", "management"),
+        ("/api/me", "cloud"),
+        ("/api/experimental/web_fetch", "cloud"),
+        ("/whatever", "other"),
+        ("/API/CHAT", "inference"),
+    ],
 )
 def test_route_classes_are_a_fixed_set(path: str, label: str) -> None:
     assert route_class(path) == label
@@ -107,12 +123,16 @@ def test_route_classes_are_a_fixed_set(path: str, label: str) -> None:
 
 @pytest.mark.parametrize(
     ("name", "normal"),
-    [("llama3.2", "llama3.2:latest"), ("Llama3.2:LATEST", "llama3.2:latest"),
-     ("library/llama3.2", "llama3.2:latest"),
-     ("registry.ollama.ai/library/llama3.2:8b", "llama3.2:8b"),
-     ("registry.ollama.ai/alice/m", "alice/m:latest"), ("alice/m:q4", "alice/m:q4"),
-     ("localhost:5000/ns/m", "localhost:5000/ns/m:latest"),
-     ("gpt-oss:120b-cloud", "gpt-oss:120b-cloud")],
+    [
+        ("llama3.2", "llama3.2:latest"),
+        ("Llama3.2:LATEST", "llama3.2:latest"),
+        ("library/llama3.2", "llama3.2:latest"),
+        ("registry.ollama.ai/library/llama3.2:8b", "llama3.2:8b"),
+        ("registry.ollama.ai/alice/m", "alice/m:latest"),
+        ("alice/m:q4", "alice/m:q4"),
+        ("localhost:5000/ns/m", "localhost:5000/ns/m:latest"),
+        ("gpt-oss:120b-cloud", "gpt-oss:120b-cloud"),
+    ],
 )
 def test_model_names_normalise_like_ollama(name: str, normal: str) -> None:
     assert normalise_model(name) == normal
@@ -120,9 +140,17 @@ def test_model_names_normalise_like_ollama(name: str, normal: str) -> None:
 
 @pytest.mark.parametrize(
     ("name", "cloud"),
-    [("gpt-oss:120b-cloud", True), ("gpt-oss:cloud", True), ("GPT-OSS:120B-CLOUD", True),
-     ("gpt-oss:20b:cloud", True), ("kimi-k2:1t-cloud", True), ("cloudy:7b", False),
-     ("my-cloud", False), ("llama3.2", False), ("ns/cloud-model:latest", False)],
+    [
+        ("gpt-oss:120b-cloud", True),
+        ("gpt-oss:cloud", True),
+        ("GPT-OSS:120B-CLOUD", True),
+        ("gpt-oss:20b:cloud", True),
+        ("kimi-k2:1t-cloud", True),
+        ("cloudy:7b", False),
+        ("my-cloud", False),
+        ("llama3.2", False),
+        ("ns/cloud-model:latest", False),
+    ],
 )
 def test_cloud_detection_follows_ollama(name: str, cloud: bool) -> None:
     assert is_cloud(name) is cloud
@@ -179,9 +207,7 @@ def test_models_for_union_override_and_unknown_roles() -> None:
     bob = Principal("bob", frozenset({"user", "ops"}), "basic")
     assert models_for(bob, config) == ("qwen*",)  # the user's own list replaces the roles'
     # A key or token acting as a configured user gets that user's override too.
-    assert models_for(Principal("bob", frozenset({"admin"}), "api_key", "k"), config) == (
-        "qwen*",
-    )
+    assert models_for(Principal("bob", frozenset({"admin"}), "api_key", "k"), config) == ("qwen*",)
     assert models_for(STRANGER, config) == ()
     assert models_for(None, config) == ("*",)  # anonymous on a public rule: local models
     anonymous = parse_config(CONFIG + "  anonymous: {models: [all-minilm]}\n")
@@ -222,8 +248,10 @@ def test_policy_caches_matchers_per_glob_list() -> None:
     ("snippet", "problem"),
     [
         ("roles: {user: {models: ['llama 3']}}", "roles.user.models[0]"),
-        (f"auth: {{users: {{a: {{password: '{HASH}', models: ['m;x']}}}}}}",
-         "auth.users.a.models[0]"),
+        (
+            f"auth: {{users: {{a: {{password: '{HASH}', models: ['m;x']}}}}}}",
+            "auth.users.a.models[0]",
+        ),
         ("routes: [{path: /api/pull/, public: true}]", None),
         ("routes: [{path: //api/pull, public: true}]", "routes[0].path"),
         ("routes: [{path: /api/%70ull, public: true}]", "routes[0].path"),

@@ -67,7 +67,8 @@ async def test_quick_start_commands_work_as_written(fake: FakeOllama, tmp_path: 
     env = {**os.environ, "GATEWAY_LISTEN": "127.0.0.1:0", "OLLAMA_URL": fake.url}
     stderr = (tmp_path / "stderr").open("wb")
     process = await asyncio.create_subprocess_exec(
-        *argv, cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE, stderr=stderr)
+        *argv, cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE, stderr=stderr
+    )
     try:
         assert process.stdout is not None
         line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
@@ -77,7 +78,8 @@ async def test_quick_start_commands_work_as_written(fake: FakeOllama, tmp_path: 
         first = first.replace("http://127.0.0.1:8080", address).replace("\\\n", " ")
         args = shlex.split(first)
         proc = await asyncio.create_subprocess_exec(
-            curl, "-sS", *args[1:], stdout=asyncio.subprocess.PIPE)
+            curl, "-sS", *args[1:], stdout=asyncio.subprocess.PIPE
+        )
         out, _ = await asyncio.wait_for(proc.communicate(), 30)
         records = [json.loads(x) for x in out.splitlines()]
         assert records[-1]["done"] is True, out

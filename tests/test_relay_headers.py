@@ -5,9 +5,9 @@ from __future__ import annotations
 import aiohttp
 
 from tests.conftest import ADMIN_HEADERS, ADMIN_KEY_ENTRY, GatewayFactory, RunningGateway
+from tests.fake_ollama import FakeOllama
 
 AUTH = {"api_keys": [ADMIN_KEY_ENTRY]}
-from tests.fake_ollama import FakeOllama
 
 
 async def test_hop_by_hop_cookie_origin_and_spoofed_forwarding_are_stripped(
@@ -54,9 +54,11 @@ async def test_hop_by_hop_cookie_origin_and_spoofed_forwarding_are_stripped(
 async def test_no_default_headers_are_invented(gateway: RunningGateway, fake: FakeOllama) -> None:
     """aiohttp's client would add User-Agent/Accept/Content-Type: the relay must not."""
     skip = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
-    async with aiohttp.ClientSession(skip_auto_headers=skip, headers=ADMIN_HEADERS) as s:
-        async with s.post(gateway.url + "/api/show", data=b'{"model":"llama3.2"}') as r:
-            assert r.status == 200
+    async with (
+        aiohttp.ClientSession(skip_auto_headers=skip, headers=ADMIN_HEADERS) as s,
+        s.post(gateway.url + "/api/show", data=b'{"model":"llama3.2"}') as r,
+    ):
+        assert r.status == 200
     seen = fake.requests_to("/api/show")[-1].headers
     assert "User-Agent" not in seen
     assert "Content-Type" not in seen
@@ -98,7 +100,8 @@ async def test_forwarded_proto_is_believed_only_from_trusted_proxies(
     seen = fake.requests_to("/api/version")[-1].headers
     assert (seen["X-Forwarded-Proto"], seen["X-Forwarded-For"]) == ("http", "127.0.0.1")
     trusted = await gateway_factory(
-        {"upstream": {"url": fake.url}, "auth": AUTH, "trusted_proxies": ["127.0.0.1/32"]})
+        {"upstream": {"url": fake.url}, "auth": AUTH, "trusted_proxies": ["127.0.0.1/32"]}
+    )
     async with admin_http.get(trusted.url + "/api/version", headers=spoofed) as r:
         assert r.status == 200
     seen = fake.requests_to("/api/version")[-1].headers

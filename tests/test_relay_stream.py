@@ -23,9 +23,9 @@ ROLES = {"admin": {"models": ["*", "*:cloud", "*-cloud"]}, "user": {"models": ["
 LISTINGS = ("/api/tags", "/api/ps", "/v1/models")
 
 
-async def until(condition: Callable[[], Any], timeout: float = 5.0) -> Any:
+async def until(condition: Callable[[], Any], within: float = 5.0) -> Any:
     """Wait for a condition another task makes true (bounded; not a fixed sleep)."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while not (value := condition()):
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met")
@@ -55,8 +55,12 @@ async def test_status_headers_and_bytes_unchanged(
     path: str,
 ) -> None:
     # Every route open to the admin, so unknown routes and methods reach Ollama's own 404/405.
-    config = {"upstream": {"url": fake.url}, "auth": AUTH, "roles": ROLES,
-              "routes": [{"path": "/*", "roles": ["admin"]}]}
+    config = {
+        "upstream": {"url": fake.url},
+        "auth": AUTH,
+        "roles": ROLES,
+        "routes": [{"path": "/*", "roles": ["admin"]}],
+    }
     gateway = await gateway_factory(config)
     async with admin_http.request(method, fake.url + path) as direct:
         direct_body = await direct.read()

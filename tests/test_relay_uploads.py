@@ -52,9 +52,11 @@ async def test_one_gib_upload_streams_with_bounded_gateway_memory(
     async with gateway_process({"upstream": {"url": fake.url}, "auth": AUTH}, tmp_path) as gw:
         rss_before = gw.vm_status("VmRSS")
         timeout = aiohttp.ClientTimeout(total=300)
-        async with aiohttp.ClientSession(timeout=timeout, headers=ADMIN_HEADERS) as http:
-            async with http.post(f"{gw.url}/api/blobs/{digest}", data=generate(blocks)) as r:
-                assert r.status == 201, await r.text()
+        async with (
+            aiohttp.ClientSession(timeout=timeout, headers=ADMIN_HEADERS) as http,
+            http.post(f"{gw.url}/api/blobs/{digest}", data=generate(blocks)) as r,
+        ):
+            assert r.status == 201, await r.text()
         peak = gw.vm_status("VmHWM")
     assert fake.blobs[digest] == GIB
     # The whole GiB passed through; the gateway's peak memory stayed small and flat.

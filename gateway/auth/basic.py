@@ -22,7 +22,12 @@ _DIGEST_KIND = b"basic"
 
 class BasicVerifier:
     __slots__ = (
-        "_users", "_htpasswd", "_htpasswd_roles", "_cache", "_coalescer", "_resources",
+        "_users",
+        "_htpasswd",
+        "_htpasswd_roles",
+        "_cache",
+        "_coalescer",
+        "_resources",
         "verifications",
     )
 

@@ -26,8 +26,17 @@ MAX_JWKS_BYTES: Final = 1 << 20
 
 class JwksCache:
     __slots__ = (
-        "url", "_cache_seconds", "_min_refresh", "_clock", "_session", "_keys", "_parsed",
-        "_fetched_at", "_attempted_at", "_refreshing", "fetches",
+        "url",
+        "_cache_seconds",
+        "_min_refresh",
+        "_clock",
+        "_session",
+        "_keys",
+        "_parsed",
+        "_fetched_at",
+        "_attempted_at",
+        "_refreshing",
+        "fetches",
     )
 
     def __init__(
@@ -113,9 +122,7 @@ class JwksCache:
                 log.warning("JWKS %s is larger than %d bytes; ignored", self.url, MAX_JWKS_BYTES)
                 return
             document = json.loads(body)
-            keys = {
-                k.get("kid"): k for k in document["keys"] if isinstance(k, dict) and "kty" in k
-            }
+            keys = {k.get("kid"): k for k in document["keys"] if isinstance(k, dict) and "kty" in k}
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             log.warning(
                 "JWKS %s unreachable (%s); keeping cached keys", self.url, type(exc).__name__

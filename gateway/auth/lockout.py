@@ -96,7 +96,9 @@ class Lockout:
             record.window_start, record.failures = now, 0
             log.warning(
                 "auth: %s blocked for %gs after %d failed attempts",
-                key, config.block_seconds, config.max_failures,
+                key,
+                config.block_seconds,
+                config.max_failures,
             )
             return 0.0
         slow_after = config.max_failures // 2

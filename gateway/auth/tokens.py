@@ -40,8 +40,15 @@ def load_public_key(path: str) -> Any:
 
 class JwtVerifier:
     __slots__ = (
-        "_config", "_algorithms", "_secret", "_public_key", "jwks", "_decoder", "_options",
-        "_clock", "_cache",
+        "_config",
+        "_algorithms",
+        "_secret",
+        "_public_key",
+        "jwks",
+        "_decoder",
+        "_options",
+        "_clock",
+        "_cache",
     )
 
     def __init__(

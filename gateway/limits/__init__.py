@@ -80,8 +80,11 @@ class StoreHealth:
         self.store_errors += 1
         if self._healthy:
             self._healthy = False
-            log.warning("rate-limit store unreachable (%s: %s); on_store_error applies",
-                        type(error).__name__, error)
+            log.warning(
+                "rate-limit store unreachable (%s: %s); on_store_error applies",
+                type(error).__name__,
+                error,
+            )
         for hook in self.on_store_error:
             try:
                 hook()

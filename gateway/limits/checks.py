@@ -12,8 +12,13 @@ from gateway.config_load import Problem, register_check
 def _check_one(path: str, limits: LimitsConfig | None, *, role: bool) -> Iterable[Problem]:
     if limits is None:
         return
-    for name in ("requests_per_minute", "burst", "concurrency", "tokens_per_minute",
-                 "tokens_per_day"):
+    for name in (
+        "requests_per_minute",
+        "burst",
+        "concurrency",
+        "tokens_per_minute",
+        "tokens_per_day",
+    ):
         value = getattr(limits, name)
         if value is not None and value <= 0:
             yield Problem(f"{path}.{name}", "must be greater than 0 (leave it out for no limit)")

@@ -84,6 +84,7 @@ class MemoryLimiter(StoreHealth):
                 if self.evicted_busy == 1 or self.evicted_busy % 10_000 == 0:
                     log.warning(
                         "rate_limits.memory_max_keys (%d) reached: forgetting active limit "
-                        "state (%d so far); raise it or use redis", self.max_keys,
+                        "state (%d so far); raise it or use redis",
+                        self.max_keys,
                         self.evicted_busy,
                     )

@@ -132,8 +132,9 @@ class RedisLimiter(StoreHealth):
 
     async def renew(self, key: str, lease: str) -> None:
         try:
-            await self._renew(keys=self.keys(key)[1:], args=[self._now(), lease,
-                                                             repr(LEASE_SECONDS)])
+            await self._renew(
+                keys=self.keys(key)[1:], args=[self._now(), lease, repr(LEASE_SECONDS)]
+            )
         except STORE_ERRORS as error:
             self.failed(error)
             return

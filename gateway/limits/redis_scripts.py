@@ -34,7 +34,9 @@ end
 # ARGV: now, rpm interval, rpm tolerance, epsilon, concurrency, lease, lease ttl,
 #       tokens/minute limit, minute, tokens/day limit, day   ('' = limit not set)
 # -> {admitted 0|1, now, r, m, d, inflight}   (the state *before* this admission)
-ADMIT = _PRELUDE + """
+ADMIT = (
+    _PRELUDE
+    + """
 local now = clock(ARGV[1])
 local st = redis.call('HMGET', KEYS[1], 'r', 'm', 'd')
 local r = tonumber(st[1]) or 0
@@ -69,10 +71,13 @@ if ok then
 end
 return {ok and 1 or 0, fmt(now), fmt(r), fmt(m), fmt(d), inflight}
 """
+)
 
 # ARGV: now, lease ('' = held no slot), tokens, tokens/minute limit, minute,
 #       tokens/day limit, day
-FINISH = _PRELUDE + """
+FINISH = (
+    _PRELUDE
+    + """
 if ARGV[2] ~= '' then redis.call('ZREM', KEYS[2], ARGV[2]) end
 local tokens = tonumber(ARGV[3])
 if tokens <= 0 then return 0 end
@@ -94,13 +99,17 @@ end
 keep_state(KEYS[1], now, r, m, d)
 return 1
 """
+)
 
 # KEYS[1] = leases zset. ARGV: now, lease, lease ttl. A lease that already expired (and
 # may have been handed to someone else) is not brought back.
-RENEW = _PRELUDE + """
+RENEW = (
+    _PRELUDE
+    + """
 local now = clock(ARGV[1])
 local ttl = tonumber(ARGV[3])
 local changed = redis.call('ZADD', KEYS[1], 'XX', 'CH', fmt(now + ttl), ARGV[2])
 if changed > 0 then redis.call('PEXPIRE', KEYS[1], math.ceil(ttl * 1000) + 1000) end
 return changed
 """
+)

@@ -84,9 +84,7 @@ def _zstd(data: bytes, limit: int) -> bytes:
 
     # Go's zstd decoder reads every concatenated frame; so must we, or a second frame
     # would name a model we never saw.
-    reader = zstandard.ZstdDecompressor().stream_reader(
-        io.BytesIO(data), read_across_frames=True
-    )
+    reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True)
     out = bytearray()
     try:
         while chunk := reader.read(CHUNK):

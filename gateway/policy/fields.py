@@ -97,4 +97,3 @@ def json_candidates(pairs: list[tuple[str, Any]], fields: tuple[str, ...]) -> li
         if value:
             found.append(value)
     return found
-

@@ -64,7 +64,8 @@ async def authorise_stage(request: web.Request, handler: Handler) -> web.StreamR
     if access is Access.UNAUTHENTICATED:
         challenge = basic_challenge(ctx.state.config.auth.realm)
         raise Unauthorized(
-            "authentication required", reason="no_credentials",
+            "authentication required",
+            reason="no_credentials",
             headers={"WWW-Authenticate": challenge},
         )
     if access is Access.FORBIDDEN:

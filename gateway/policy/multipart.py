@@ -12,9 +12,7 @@ from __future__ import annotations
 
 from gateway.policy.fields import BodyError
 
-_TOKEN = frozenset(
-    "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-)
+_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _MAX_BOUNDARY = 70  # RFC 2046
 
 
@@ -144,8 +142,6 @@ def _next_delimiter(data: bytes, start: int, delimiter: bytes) -> int:
         if found < 0:
             raise BodyError("multipart body ends without its closing boundary")
         after = found + len(delimiter)
-        if data[after : after + 1] in (b" ", b"\t", b"\r", b"\n") or data.startswith(
-            b"--", after
-        ):
+        if data[after : after + 1] in (b" ", b"\t", b"\r", b"\n") or data.startswith(b"--", after):
             return found
         search = found + 1  # `--boundaryX...` inside content is data, for Go as well

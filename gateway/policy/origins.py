@@ -16,12 +16,24 @@ from dataclasses import dataclass
 from gateway.config import CorsConfig
 
 ALLOWED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
-ALLOWED_HEADERS = frozenset({
-    "authorization", "content-type", "x-api-key", "x-request-id", "accept",
-    "accept-language", "user-agent", "x-requested-with", "openai-beta",
-    "openai-organization", "openai-project", "anthropic-version", "anthropic-beta",
-    "anthropic-dangerous-direct-browser-access",
-})
+ALLOWED_HEADERS = frozenset(
+    {
+        "authorization",
+        "content-type",
+        "x-api-key",
+        "x-request-id",
+        "accept",
+        "accept-language",
+        "user-agent",
+        "x-requested-with",
+        "openai-beta",
+        "openai-organization",
+        "openai-project",
+        "anthropic-version",
+        "anthropic-beta",
+        "anthropic-dangerous-direct-browser-access",
+    }
+)
 ALLOWED_HEADER_PREFIXES = ("x-stainless-",)  # the OpenAI SDK's telemetry headers
 EXPOSED_HEADERS = "X-Request-Id, Retry-After, WWW-Authenticate, Server-Timing"
 ORIGIN_FORMAT = re.compile(r"[a-z][a-z0-9+.-]*://[^\s/?#@]+")
@@ -59,7 +71,9 @@ class CorsPolicy:
             )
             pattern = re.compile("|".join(f"(?:{p})" for p in parts))
         return cls(
-            enabled=bool(origins), any_origin="*" in origins, pattern=pattern,
+            enabled=bool(origins),
+            any_origin="*" in origins,
+            pattern=pattern,
             max_age=cors.max_age,
         )
 

@@ -16,13 +16,25 @@ from gateway.config import RouteRule
 
 ADMIN = ("admin",)
 INFERENCE_PATHS = (
-    "/api/generate", "/api/chat", "/api/embed", "/api/embeddings",
-    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
-    "/v1/messages", "/v1/audio/transcriptions",
+    "/api/generate",
+    "/api/chat",
+    "/api/embed",
+    "/api/embeddings",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/audio/transcriptions",
 )
 READ_PATHS = ("/api/tags", "/api/ps", "/api/show", "/api/status", "/v1/models", "/v1/models/*")
 MANAGEMENT_PATHS = (
-    "/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete", "/api/blobs/*",
+    "/api/pull",
+    "/api/push",
+    "/api/create",
+    "/api/copy",
+    "/api/delete",
+    "/api/blobs/*",
 )
 CLOUD_PATHS = ("/api/me", "/api/signout", "/api/experimental/*", "/api/user/keys/*")
 PUBLIC_PATHS = ("/", "/api/version")
