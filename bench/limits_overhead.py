@@ -29,8 +29,11 @@ from gateway.limits.resolve import limits_for
 SCENARIOS: dict[str, LimitsConfig] = {
     "rate only": LimitsConfig(requests_per_minute=1e9, burst=10**9),
     "rate+concurrency+tokens": LimitsConfig(
-        requests_per_minute=1e9, burst=10**9, concurrency=10**6,
-        tokens_per_minute=10**12, tokens_per_day=10**13,
+        requests_per_minute=1e9,
+        burst=10**9,
+        concurrency=10**6,
+        tokens_per_minute=10**12,
+        tokens_per_day=10**13,
     ),
 }
 USERS = 1000
@@ -76,8 +79,10 @@ async def concurrent(limiter: Limiter, limits: LimitsConfig, ops: int, width: in
 
 def _row(store: str, scenario: str, samples: list[float]) -> str:
     cuts = statistics.quantiles(samples, n=100)
-    return (f"| {store:<6} | {scenario:<24} | {statistics.fmean(samples):>9.1f} | "
-            f"{cuts[49]:>9.1f} | {cuts[98]:>9.1f} |")
+    return (
+        f"| {store:<6} | {scenario:<24} | {statistics.fmean(samples):>9.1f} | "
+        f"{cuts[49]:>9.1f} | {cuts[98]:>9.1f} |"
+    )
 
 
 async def bench(ops: int, redis_url: str | None) -> None:
