@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.context import RequestContext
 
@@ -60,18 +60,37 @@ def access_fields(ctx: RequestContext, end: float, wall_end: float) -> dict[str,
     }
 
 
+_ACCESS = logging.getLogger(ACCESS_LOGGER)
+
+
+class AccessWriter(Protocol):
+    def write_access(self, fields: dict[str, Any]) -> None: ...
+
+
+_writer: AccessWriter | None = None
+
+
+def set_access_writer(writer: AccessWriter | None) -> None:
+    """`serve`'s log writer takes access lines directly (no LogRecord per request)."""
+    global _writer
+    _writer = writer
+
+
 class AccessLog:
     """The access-log observer `create_app` registers; the formatter picks JSON or text."""
 
     __slots__ = ("logger",)
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
-        self.logger = logger or logging.getLogger(ACCESS_LOGGER)
+        self.logger = logger or _ACCESS
 
     def __call__(self, ctx: RequestContext) -> None:
         if not ctx.state.config.logging.access_log or not self.logger.isEnabledFor(logging.INFO):
             return
         fields = access_fields(ctx, time.perf_counter(), time.time())
+        if _writer is not None and self.logger is _ACCESS:
+            _writer.write_access(fields)
+            return
         self.logger.info(
             "%s %s %s",
             fields["method"],

@@ -20,6 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from gateway.context import RequestContext, Usage
+from gateway.policy.decode import content_codings
 from gateway.relay import add_tap
 
 NATIVE, NATIVE_EMBED, OPENAI, OPENAI_EMBED, RESPONSES, ANTHROPIC = (
@@ -394,19 +395,33 @@ def install_accounting(request: web.Request, ctx: RequestContext) -> None:
 
 
 def _ask_for_usage(request: web.Request, ctx: RequestContext) -> bool:
-    """Set `stream_options.include_usage` on a `/v1` stream that did not ask for it."""
+    """Set `stream_options.include_usage` on a `/v1` stream that did not ask for it.
+
+    Ollama binds JSON keys as Go does: case-insensitively, the last spelling winning. The
+    body is read here the same way, or `"Stream": true`, or a `"Stream_Options"` after
+    `"stream_options"`, would stream with no usage and never be charged to a token budget.
+    """
     body = ctx.json
-    if not isinstance(body, dict) or body.get("stream") is not True:
+    if not isinstance(body, dict) or not any(v is True for v in _go_values(body, "stream")):
         return False
-    if "Content-Encoding" in request.headers:  # the body we would re-encode is not plain JSON
-        return False
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        return False  # malformed: Ollama answers it as it would have
-    if isinstance(options, dict) and options.get("include_usage") is True:
-        return False  # the client asked: it sees the usage, and we read it
-    changed = dict(body)
-    changed["stream_options"] = {**(options or {}), "include_usage": True}
+    if content_codings(request.headers.getall("Content-Encoding", [])):  # `identity` is plain
+        return False  # the body we would re-encode is not plain JSON
+    options = _go_values(body, "stream_options")
+    if any(o is not None and not isinstance(o, dict) for o in options):
+        return False  # malformed: Ollama refuses it (400), nothing is generated
+    given = [o for o in options if isinstance(o, dict)]
+    asked = _go_values(given[0], "include_usage") if len(options) == 1 and given else []
+    if len(asked) == 1 and asked[0] is True:
+        return False  # the client asked, unambiguously: it sees the usage, and we read it
+    # One unambiguous spelling replaces every variant, so Go can only read `true`.
+    changed = {k: v for k, v in body.items() if k.casefold() != "stream_options"}
+    kept = {k: v for o in given for k, v in o.items() if k.casefold() != "include_usage"}
+    changed["stream_options"] = {**kept, "include_usage": True}
     ctx.json = changed
     ctx.body = json.dumps(changed, ensure_ascii=False, separators=(",", ":")).encode()
     return True
+
+
+def _go_values(obj: dict[str, Any], field: str) -> list[Any]:
+    """Every value Go's encoding/json could bind to `field` (keys match case-insensitively)."""
+    return [value for key, value in obj.items() if key.casefold() == field]

@@ -14,9 +14,11 @@ from prometheus_client import CollectorRegistry
 from gateway.access_log import AccessLog
 from gateway.auth.middleware import authenticate_stage, close_authenticator
 from gateway.config import GatewayConfig
+from gateway.errors import Forbidden
 from gateway.keys import CONTEXT, HTTP_SESSION, LIMITER, METRICS, OBSERVERS, STATE
 from gateway.limits import build_limiter
 from gateway.limits.middleware import admit_stage
+from gateway.logging_setup import server_log
 from gateway.metrics import GatewayMetrics
 from gateway.metrics_http import add_metrics_route, in_flight_stage
 from gateway.pipeline import Observer, context_stage, errors_stage, observe_stage
@@ -45,6 +47,10 @@ def build_pipeline() -> list[Middleware]:
 
 async def relay_handler(request: web.Request) -> web.StreamResponse:
     ctx = request[CONTEXT]
+    if ctx.route_class == "gateway":
+        # A spelling of a gateway endpoint (`/HEALTHZ`, `/healthz/`) that aiohttp's router
+        # did not match: the policy passed it as ours, so it must never reach Ollama.
+        raise Forbidden(f"route not allowed: {request.method} {ctx.path}", reason="route")
     headers = upstream_headers(
         request.headers, ctx, forwarded_proto=ctx.forwarded_proto, forwarded_for=ctx.forwarded_for
     )
@@ -117,9 +123,16 @@ def create_app(config: GatewayConfig, **deps: Any) -> web.Application:
     app = web.Application(
         middlewares=build_pipeline(),
         client_max_size=config.max_body_bytes,
-        # Request bodies reach the handler as sent: the relay forwards them with their own
-        # Content-Encoding, and the policy decompresses a bounded copy itself.
-        handler_args={"auto_decompress": False},
+        handler_args={
+            # Request bodies reach the handler as sent: the relay forwards them with their
+            # own Content-Encoding, and the policy decompresses a bounded copy itself.
+            "auto_decompress": False,
+            # Bounds idle connections and slow request headers (slowloris); aiohttp's own
+            # default is an hour.
+            "keepalive_timeout": config.client_idle_timeout,
+            # Malformed requests are logged without their raw bytes (credentials).
+            "logger": server_log(),
+        },
     )
     app[STATE] = StateHolder(GatewayState.build(config, previous=None, **deps))
     metrics = GatewayMetrics(CollectorRegistry(), user_label=config.metrics.user_label)

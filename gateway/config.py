@@ -15,6 +15,8 @@ DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_UPSTREAM = "http://127.0.0.1:11434"
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_SHUTDOWN_GRACE = 30.0
+# Above the idle timeout of a proxy in front (nginx: 60 s), so the proxy always closes first.
+DEFAULT_CLIENT_IDLE_TIMEOUT = 75.0
 
 
 class Secret:
@@ -221,6 +223,12 @@ class GatewayConfig:
     trusted_proxies: tuple[str, ...] = doc("CIDRs whose X-Forwarded-For is believed.", ())
     shutdown_grace: float = doc(
         "Seconds SIGTERM waits for in-flight streams.", DEFAULT_SHUTDOWN_GRACE
+    )
+    client_idle_timeout: float = doc(
+        "Seconds a client connection may stay idle; a request's headers must also arrive "
+        "within this time of the connection opening or the previous response (slow clients "
+        "cannot hold connections). Keep it above the idle timeout of a proxy in front.",
+        DEFAULT_CLIENT_IDLE_TIMEOUT,
     )
     auth: AuthConfig = doc_factory("Who may call.", AuthConfig)
     roles: dict[str, RoleConfig] = doc_factory(

@@ -15,6 +15,7 @@ from gateway.config_load import parse_host_port
 from gateway.context import RequestContext
 from gateway.errors import Forbidden, GatewayError, NotFound, Unauthorized
 from gateway.keys import CONTEXT, METRICS, OBSERVERS, STATE
+from gateway.logging_setup import server_log
 from gateway.pipeline import context_stage, errors_stage
 
 
@@ -74,7 +75,13 @@ def create_metrics_app(main: web.Application) -> web.Application:
 
     It authenticates with the same authenticator, so `public: false` still needs a role here.
     """
-    app = web.Application(middlewares=[context_stage, errors_stage, authenticate_stage])
+    config = main[STATE].current.config
+    app = web.Application(
+        middlewares=[context_stage, errors_stage, authenticate_stage],
+        # As on the main listener: slow clients are cut off, malformed requests logged
+        # without their bytes.
+        handler_args={"keepalive_timeout": config.client_idle_timeout, "logger": server_log()},
+    )
     app[STATE] = main[STATE]
     app[METRICS] = main[METRICS]
     app[OBSERVERS] = []

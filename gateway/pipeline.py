@@ -7,11 +7,12 @@ with their modules (auth, policy, limits).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable
 
 from aiohttp import web
@@ -30,10 +31,16 @@ SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 Observer = Callable[[RequestContext], None]
 
 
+# Request ids need to be unique, not secret: a random per-process prefix and a counter
+# (32 hex characters, like a uuid4) cost a fraction of uuid4() on every request.
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = itertools.count(int.from_bytes(os.urandom(4), "big"))
+
+
 def _request_id(incoming: str | None) -> str:
     if incoming and SANE_REQUEST_ID.fullmatch(incoming):
         return incoming
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_id_counter):016x}"
 
 
 @web.middleware

@@ -8,6 +8,7 @@ to 502/504. Taps (token accounting, listing filters) see the response bytes on t
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -146,6 +147,7 @@ def response_headers(upstream: CIMultiDictProxy[str], *, keep_length: bool) -> C
     return headers
 
 
+@functools.lru_cache(maxsize=16)  # one object per upstream config, not one per request
 def client_timeout(upstream: UpstreamConfig) -> aiohttp.ClientTimeout:
     # No total timeout: generations run for many minutes. Read deadlines are ours (below),
     # because the first byte and later bytes have different budgets.
@@ -226,41 +228,89 @@ async def _stream_back(
         response.headers.update(ctx.response_headers)
     response.headers.add("Server-Timing", f"gateway;dur={ctx.gateway_seconds * 1000:.2f}")
     ctx.status = upstream_response.status
-    loop = asyncio.get_running_loop()
     content = upstream_response.content
     prepared = False
+    watchdog = ReadWatchdog(read_timeout)
     try:
-        async with asyncio.timeout(None) as deadline:
-            while True:
-                deadline.reschedule(loop.time() + read_timeout)
-                chunk = await content.readany()
-                deadline.reschedule(None)
-                if not chunk:
-                    break
-                if tap is not None:
-                    chunk = tap.feed(chunk)
-                try:
-                    if not prepared:
-                        await response.prepare(request)
-                        prepared = True
-                    if chunk:
-                        ctx.bytes_out += len(chunk)
-                        await response.write(chunk)
-                except ConnectionResetError:  # the client left; `relay` closes upstream
-                    ctx.outcome = "client_gone"
-                    return response
-    except TimeoutError:
+        while True:
+            watchdog.arm()
+            chunk = await content.readany()
+            watchdog.reading = False
+            if not chunk:
+                break
+            if tap is not None:
+                chunk = tap.feed(chunk)
+            try:
+                if not prepared:
+                    await response.prepare(request)
+                    prepared = True
+                if chunk:
+                    ctx.bytes_out += len(chunk)
+                    await response.write(chunk)
+            except ConnectionResetError:  # the client left; `relay` closes upstream
+                ctx.outcome = "client_gone"
+                return response
+    except asyncio.CancelledError:
+        if not watchdog.fired():
+            raise  # the client went away (handler cancellation): not ours to handle
         return _fail_midway(request, ctx, response, prepared, "timeout", GatewayTimeout)
     except (aiohttp.ClientError, OSError):
         return _fail_midway(request, ctx, response, prepared, "reset", BadGateway)
+    finally:
+        watchdog.stop()
     tail = tap.end() if tap is not None else b""
     if not prepared:
+        if rewrites and request.method != "HEAD":
+            response.content_length = len(tail)  # a tap that held the whole body knows it
         await response.prepare(request)
     if tail:
         ctx.bytes_out += len(tail)
         await response.write(tail)
     await response.write_eof()
     return response
+
+
+class ReadWatchdog:
+    """One timer per stream instead of two reschedules per chunk.
+
+    The timer wakes at most once per `read_timeout`; it fires only when a read has been
+    waiting that long (time spent writing to a slow client does not count).
+    """
+
+    __slots__ = ("reading", "_since", "_timeout", "_task", "_loop", "_handle", "_fired")
+
+    def __init__(self, timeout: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._timeout = timeout
+        self._fired = False
+        self._since = self._loop.time()
+        self.reading = False
+        self._handle = self._loop.call_at(self._since + timeout, self._check)
+
+    def arm(self) -> None:
+        """A read starts waiting now."""
+        self._since = self._loop.time()
+        self.reading = True
+
+    def _check(self) -> None:
+        due = self._since + self._timeout
+        if self.reading and self._loop.time() >= due and self._task is not None:
+            self._fired = True
+            self._task.cancel()
+            return
+        self._handle = self._loop.call_at(
+            due if self.reading else self._loop.time() + self._timeout, self._check
+        )
+
+    def fired(self) -> bool:
+        """True when the cancellation was ours; then it is taken back (uncancel)."""
+        if self._fired and self._task is not None:
+            self._task.uncancel()
+        return self._fired
+
+    def stop(self) -> None:
+        self._handle.cancel()
 
 
 def _fail_midway(

@@ -68,6 +68,7 @@ RESTART_ONLY = (
     "tls",  # on/off only: a new certificate (or new files) is loaded on reload
     "shutdown_grace",
     "max_body_bytes",
+    "client_idle_timeout",  # handed to aiohttp's connection handlers when the app is built
     "upstream.max_connections",
     "rate_limits.store",  # counters live in the store the app started with
     "rate_limits.memory_max_keys",

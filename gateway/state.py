@@ -6,8 +6,9 @@ streams finish under the config they started with.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway.client_address import Network, parse_networks
 from gateway.config import GatewayConfig
@@ -15,6 +16,9 @@ from gateway.config import GatewayConfig
 if TYPE_CHECKING:
     from gateway.auth.authenticator import Authenticator
     from gateway.policy.policy import Policy
+
+T = TypeVar("T")
+MEMO_SIZE = 10_000  # bounded: JWT subjects and role sets are caller-chosen
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +28,17 @@ class GatewayState:
     policy: Policy
     trusted_proxies: tuple[Network, ...]
     generation: int = 0
+    _memo: dict[Hashable, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def memo(self, key: Hashable, compute: Callable[[], T]) -> T:
+        """A value derived from this config only (a principal's limits...), computed once."""
+        try:
+            return self._memo[key]  # type: ignore[no-any-return]
+        except KeyError:
+            if len(self._memo) >= MEMO_SIZE:
+                self._memo.clear()
+            value = self._memo[key] = compute()
+            return value
 
     @classmethod
     def build(

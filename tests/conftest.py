@@ -9,12 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import inspect
+import itertools
 import os
+import re
 import shutil
+import signal
+import socket
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -115,25 +119,175 @@ async def admin_http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
+# --- processes: the CLI as a user runs it, and other programs -------------------------------
+
+LISTENING = re.compile(r"ollama-gateway listening on (https?://\S+)")
+_config_files = itertools.count()
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment for a gateway process: ours, minus anything that would steer it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA", "GATEWAY_"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def until(condition: Callable[[], Any], within: float = 5.0, interval: float = 0.005) -> Any:
+    """Poll a condition that another task or process makes true (bounded; not a fixed sleep).
+
+    `condition` may return an awaitable; the first truthy value is returned.
+    """
+    async with asyncio.timeout(within):
+        while True:
+            value = condition()
+            if inspect.isawaitable(value):
+                value = await value
+            if value:
+                return value
+            await asyncio.sleep(interval)
+
+
+async def run_command(
+    *argv: str,
+    stdin: bytes | None = None,
+    env: dict[str, str] | None = None,
+    wait_s: float = 30.0,
+) -> tuple[int, str, str]:
+    """Run a program to completion -> (exit code, stdout, stderr); killed if it overruns."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        cwd=REPO,
+        env=env,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin), wait_s)
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+async def run_cli(
+    *args: str, env: dict[str, str] | None = None, stdin: bytes | None = None, wait_s: float = 30.0
+) -> tuple[int, str, str]:
+    """`python -m gateway ARGS` to completion -> (exit code, stdout, stderr)."""
+    return await run_command(
+        sys.executable, "-m", "gateway", *args, env=env or cli_env(), stdin=stdin, wait_s=wait_s
+    )
+
+
 @dataclass
 class GatewayProcess:
-    """`python -m gateway serve` as a user runs it, in a subprocess."""
+    """`python -m gateway serve` as a user runs it, in a subprocess.
 
-    url: str
+    Its stdout and stderr are read line by line as they come (a chatty log never fills a
+    pipe), so a test can await a log line, send a signal, and check the exit code.
+    """
+
     process: asyncio.subprocess.Process
     config_path: Path
-    stderr_path: Path
+    url: str = ""
+    lines: list[str] = field(default_factory=list)  # stdout and stderr, in arrival order
+    stderr_lines: list[str] = field(default_factory=list)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _readers: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def host_port(self) -> str:
+        return self.url.split("://", 1)[1]
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
 
     def stderr_text(self) -> str:
-        """What the gateway logged so far (stderr goes to a file so it can never block)."""
-        return self.stderr_path.read_text(errors="replace")
+        """What the gateway logged so far."""
+        return "".join(line + "\n" for line in self.stderr_lines)
 
-    def vm_status(self, field: str) -> int:
+    def vm_status(self, name: str) -> int:
         """A /proc/PID/status memory field (VmRSS, VmHWM) in bytes."""
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
+            if line.startswith(name + ":"):
                 return int(line.split()[1]) * 1024
-        raise KeyError(field)
+        raise KeyError(name)
+
+    async def _read(self, stream: asyncio.StreamReader, also: list[str] | None = None) -> None:
+        while raw := await stream.readline():
+            line = raw.decode(errors="replace").rstrip("\n")
+            self.lines.append(line)
+            if also is not None:
+                also.append(line)
+            self._changed.set()
+        self._changed.set()
+
+    async def wait_line(self, pattern: str, *, after: int = 0, wait_s: float = 10.0) -> str:
+        """The first output line from index `after` on matching `pattern` (a regex)."""
+        regex = re.compile(pattern)
+        seen = after
+
+        async def scan() -> str:
+            nonlocal seen
+            while True:
+                while seen < len(self.lines):
+                    line = self.lines[seen]
+                    seen += 1
+                    if regex.search(line):
+                        return line
+                if all(reader.done() for reader in self._readers):
+                    raise AssertionError(f"gateway exited before {pattern!r}:\n{self.output}")
+                self._changed.clear()
+                await self._changed.wait()
+
+        try:
+            return await asyncio.wait_for(scan(), wait_s)
+        except TimeoutError:
+            raise AssertionError(f"no line matching {pattern!r}; output:\n{self.output}") from None
+
+    def send(self, signum: signal.Signals) -> None:
+        self.process.send_signal(signum)
+
+    async def reload(self, expect: str = r"config reloaded from .* \(generation \d+\)") -> str:
+        """SIGHUP, then the first line logged after it that matches `expect`."""
+        mark = len(self.lines)
+        self.send(signal.SIGHUP)
+        return await self.wait_line(expect, after=mark)
+
+    async def wait_exit(self, wait_s: float = 10.0) -> int:
+        """The exit code, once the process ended and all its output was read."""
+        code = await asyncio.wait_for(self.process.wait(), wait_s)
+        await asyncio.wait_for(asyncio.gather(*self._readers), wait_s)
+        return code
+
+    async def stop(self, wait_s: float = 10.0) -> int:
+        """A graceful stop (SIGTERM, as systemd and docker do) -> the exit code."""
+        if self.process.returncode is None:
+            self.send(signal.SIGTERM)
+        return await self.wait_exit(wait_s)
+
+    async def kill(self) -> None:
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+        await self.process.wait()
+        if self._readers:  # EOF follows the exit; never wait on it for long
+            await asyncio.wait(self._readers, timeout=2)
+        for reader in self._readers:
+            reader.cancel()
+        await asyncio.gather(*self._readers, return_exceptions=True)
 
 
 @contextlib.asynccontextmanager
@@ -142,39 +296,47 @@ async def gateway_process(
     tmp_path: Path,
     *extra_args: str,
     env: dict[str, str] | None = None,
+    start_s: float = 30.0,
 ) -> AsyncIterator[GatewayProcess]:
-    """Start the CLI, wait for its "listening on" line, always kill it afterwards."""
+    """`python -m gateway serve --config CONFIG EXTRA_ARGS`; yields once it printed its address.
+
+    `config` is a dict (written as YAML, `listen: 127.0.0.1:0` unless given) or a file path
+    (relative ones are relative to the repository). `env` is added to `cli_env()`. The
+    process is always killed afterwards; a test that cares how it ends awaits `stop()`.
+    """
     if isinstance(config, Path):
         path = config
     else:
-        path = tmp_path / "gateway-process.yaml"
+        path = tmp_path / f"gateway-process-{next(_config_files)}.yaml"
         path.write_text(yaml.safe_dump({"listen": "127.0.0.1:0", **config}, sort_keys=False))
-    stderr_path = tmp_path / f"gateway-{time.monotonic_ns()}.stderr"
-    with stderr_path.open("wb") as stderr:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway",
-            "serve",
-            "--config",
-            str(path),
-            *extra_args,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=stderr,
-            cwd=REPO,
-            env={**os.environ, **(env or {})},
-        )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        "--config",
+        str(path),
+        *extra_args,
+        cwd=REPO,
+        env=cli_env(**(env or {})),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        limit=1 << 20,  # a long JSON log line is still one line
+    )
+    gw = GatewayProcess(process, path)
+    assert process.stdout is not None and process.stderr is not None
+    gw._readers = [
+        asyncio.create_task(gw._read(process.stdout)),
+        asyncio.create_task(gw._read(process.stderr, gw.stderr_lines)),
+    ]
     try:
-        assert process.stdout is not None
-        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
-        if "listening on" not in line:
-            await process.wait()
-            raise AssertionError(f"gateway did not start: {line!r} {stderr_path.read_text()!r}")
-        yield GatewayProcess(line.rsplit(" ", 1)[1].strip(), process, path, stderr_path)
+        match = LISTENING.search(await gw.wait_line(LISTENING.pattern, wait_s=start_s))
+        assert match
+        gw.url = match.group(1)
+        yield gw
     finally:
-        if process.returncode is None:
-            process.kill()
-        await process.wait()
+        await gw.kill()
 
 
 def require_binary(name: str) -> str:

@@ -128,6 +128,15 @@ class FakeOllama(ManageRoutes, V1Routes):
     def requests_to(self, path: str) -> list[RecordedRequest]:
         return [r for r in self.requests if r.path == path]
 
+    def resume(self) -> None:
+        """Streams held by `hang_after_chunks` go on to their normal end; new ones aren't held.
+
+        Lets a test keep a stream open exactly as long as it needs (no timing guesses).
+        """
+        self.hang_after_chunks = None
+        held, self._never = self._never, asyncio.Event()
+        held.set()
+
     async def wait_client_gone(self, timeout: float = 5.0) -> RecordedRequest:  # noqa: ASYNC109
         """Next request whose client disconnected mid-response.
 

@@ -89,8 +89,3 @@ def pbkdf2_hash(password: str, rounds: int = 1000) -> str:
         return base64.b64encode(raw).decode().rstrip("=").replace("+", ".")
 
     return f"$pbkdf2-sha256${rounds}${ab64(salt)}${ab64(digest)}"
-
-
-def basic(user: str, password: str) -> dict[str, str]:
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    return {"Authorization": f"Basic {token}"}

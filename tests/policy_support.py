@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import re
 from typing import Any
 
-from passlib.hash import bcrypt
+from tests import auth_support
+from tests.auth_support import FAST_BCRYPT
 
 PASSWORD = "pw"
-HASH = bcrypt.using(rounds=4).hash(PASSWORD)  # low rounds: tests stay fast
+HASH = FAST_BCRYPT.hash(PASSWORD)
 ALICE_KEY = "sk-test-alice-0123456789abcdef"
 ROOT_KEY = "sk-test-root-0123456789abcdef"
 
 
 def basic(user: str, password: str = PASSWORD) -> dict[str, str]:
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    return {"Authorization": f"Basic {token}"}
+    return auth_support.basic(user, password)
 
 
 def policy_config(upstream: str, **extra: Any) -> dict[str, Any]:

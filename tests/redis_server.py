@@ -12,17 +12,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import require_binary
+from tests.conftest import free_port, require_binary
 
 READY_LINE = b"Ready to accept connections"
 START_TIMEOUT = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class RedisServer:

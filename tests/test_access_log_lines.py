@@ -123,10 +123,12 @@ async def test_access_log_can_be_turned_off(
 ) -> None:
     caplog.set_level(logging.INFO, logger=ACCESS_LOGGER)
     gw = await gateway_factory({"upstream": {"url": fake.url}, "logging": {"access_log": False}})
+    observed = Observed(gw.app)
     async with http.get(gw.url + "/api/version") as response:
         assert response.status == 200
     async with http.get(gw.url + "/healthz") as response:
         assert response.status == 200
+    await observed.wait(2)  # both requests ended: a line would have been written by now
     assert access_records(caplog) == []
 
 

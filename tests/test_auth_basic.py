@@ -18,7 +18,7 @@ from gateway.errors import Unauthorized
 from gateway.keys import OBSERVERS, STATE
 from gateway.state import GatewayState
 from tests.auth_support import CHAT, FAST_BCRYPT, FakeClock, authenticator, basic, config
-from tests.conftest import require_binary
+from tests.conftest import require_binary, run_command
 
 
 @pytest.mark.parametrize(
@@ -80,20 +80,9 @@ async def test_curl_user_option(gateway_factory, fake) -> None:
     gw = await gateway_factory(config(fake, users={"carol": {"password": FAST_BCRYPT.hash("a:b")}}))
 
     async def status(user: str) -> str:
-        proc = await asyncio.create_subprocess_exec(
-            curl,
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-u",
-            user,
-            f"{gw.url}/api/tags",
-            stdout=asyncio.subprocess.PIPE,
-        )
-        out, _ = await proc.communicate()
-        return out.decode()
+        argv = (curl, "-s", "-o", "/dev/null", "-w", "%{http_code}", "-u", user)
+        _code, out, _err = await run_command(*argv, f"{gw.url}/api/tags")
+        return out
 
     assert await status("carol:a:b") == "200"
     assert await status("carol:a") == "401"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import sys
 from pathlib import Path
@@ -16,16 +15,19 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from gateway.auth.hashes import PASSWORDS
 from gateway.cli import main
 from tests.auth_support import basic, bearer
+from tests.conftest import run_command
 
 SECRET = "an-hs256-secret-of-at-least-32-bytes!!"
 
 
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str], stdin: bytes = b"") -> str:
-    """In-process, with a non-tty stdin (the piped path)."""
+def run_main(
+    args: list[str], capsys: pytest.CaptureFixture[str], stdin: bytes = b"", expect: int = 0
+) -> str:
+    """The CLI in-process, with a non-tty stdin (the piped path) -> its stdout."""
     old = sys.stdin
     sys.stdin = io.TextIOWrapper(io.BytesIO(stdin))
     try:
-        assert main(args) == 0
+        assert main(args) == expect
     finally:
         sys.stdin = old
     return capsys.readouterr().out
@@ -33,40 +35,28 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str], stdin: bytes = 
 
 async def test_hash_password_console_script(tmp_path: Path) -> None:
     script = Path(sys.executable).parent / "ollama-gateway"
-    proc = await asyncio.create_subprocess_exec(
-        str(script),
-        "hash-password",
-        "--scheme",
-        "pbkdf2_sha256",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate("pä:ss wörd\n".encode())
-    assert proc.returncode == 0, err
-    hashed = out.decode().strip()
+    argv = (str(script), "hash-password", "--scheme", "pbkdf2_sha256")
+    code, out, err = await run_command(*argv, stdin="pä:ss wörd\n".encode())
+    assert code == 0, err
+    hashed = out.strip()
     assert hashed.startswith("$pbkdf2-sha256$")
     assert PASSWORDS.verify("pä:ss wörd", hashed)  # the shell's newline is not part of it
-    assert b"ss w" not in out + err
+    assert "ss w" not in out + err
 
 
 @pytest.mark.parametrize("scheme", ["bcrypt", "argon2"])
 def test_hash_password_schemes(scheme: str, capsys) -> None:
-    hashed = run_cli(["hash-password", "--scheme", scheme], capsys, b"pw\n").strip()
+    hashed = run_main(["hash-password", "--scheme", scheme], capsys, b"pw\n").strip()
     assert PASSWORDS.identify(hashed) == scheme
     assert PASSWORDS.verify("pw", hashed) and not PASSWORDS.verify("pw\n", hashed)
 
 
 def test_hash_password_refuses_empty(capsys) -> None:
-    sys.stdin, old = io.TextIOWrapper(io.BytesIO(b"\n")), sys.stdin
-    try:
-        assert main(["hash-password"]) == 2
-    finally:
-        sys.stdin = old
+    assert run_main(["hash-password"], capsys, b"\n", expect=2) == ""  # no hash of nothing
 
 
 async def test_users_made_with_hash_password_log_in(gateway_factory, fake, http, capsys) -> None:
-    hashed = run_cli(["hash-password", "--scheme", "argon2"], capsys, b"s3cret\n").strip()
+    hashed = run_main(["hash-password", "--scheme", "argon2"], capsys, b"s3cret\n").strip()
     gw = await gateway_factory(
         {"upstream": {"url": fake.url}, "auth": {"users": {"ann": {"password": hashed}}}}
     )
@@ -75,7 +65,7 @@ async def test_users_made_with_hash_password_log_in(gateway_factory, fake, http,
 
 
 async def test_new_key_entry_pastes_into_config(gateway_factory, fake, http, capsys) -> None:
-    out = run_cli(["new-key", "--user", "robot", "--roles", "user,admin"], capsys)
+    out = run_main(["new-key", "--user", "robot", "--roles", "user,admin"], capsys)
     key, comment, entry_line = out.splitlines()
     assert key.startswith("ogw_") and "." not in key and len(key) > 40
     assert comment.startswith("#")
@@ -85,7 +75,7 @@ async def test_new_key_entry_pastes_into_config(gateway_factory, fake, http, cap
     gw = await gateway_factory({"upstream": {"url": fake.url}, "auth": {"api_keys": [entry]}})
     async with http.get(f"{gw.url}/api/tags", headers=bearer(key)) as r:
         assert r.status == 200
-    again = run_cli(["new-key", "--user", "robot"], capsys).splitlines()[0]
+    again = run_main(["new-key", "--user", "robot"], capsys).splitlines()[0]
     assert again != key
 
 
@@ -99,7 +89,7 @@ async def test_token_with_hs_secret(gateway_factory, fake, http, capsys, tmp_pat
     path = tmp_path / "gw.yaml"
     path.write_text(yaml.safe_dump(config))
     args = ["token", "--config", str(path), "--sub", "ops-bot", "--roles", "user", "--ttl", "60"]
-    token = run_cli(args, capsys).strip()
+    token = run_main(args, capsys).strip()
     claims = jwt.decode(token, SECRET, algorithms=["HS256"], audience="gw", issuer="ops")
     assert claims["sub"] == "ops-bot" and claims["roles"] == ["user"]
     assert 55 <= claims["exp"] - claims["iat"] <= 60
@@ -136,7 +126,7 @@ async def test_token_with_private_key(gateway_factory, fake, http, capsys, tmp_p
     }
     path = tmp_path / "gw.yaml"
     path.write_text(yaml.safe_dump(config))
-    token = run_cli(["token", "--config", str(path), "--sub", "ed", "--roles", "user"], capsys)
+    token = run_main(["token", "--config", str(path), "--sub", "ed", "--roles", "user"], capsys)
     assert jwt.get_unverified_header(token.strip())["alg"] == "EdDSA"
     gw = await gateway_factory(
         {**config, "auth": {"jwt": {"algorithms": ["EdDSA"], "public_key": str(public)}}}

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import asyncio
 from pathlib import Path
 
 import pytest
 
 from gateway.config import GatewayConfig, Secret
 from gateway.config_load import ConfigError, load_config, parse_config
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO, run_cli
 
 
 def problems_of(text: str, env: dict[str, str] | None = None) -> list[str]:
@@ -113,17 +111,17 @@ def test_listen_address_forms(listen: str, ok: bool) -> None:
         assert problems_of(text)[0].startswith("listen:")
 
 
-def test_check_command_exit_codes(tmp_path: Path) -> None:
+async def test_check_command_exit_codes(tmp_path: Path) -> None:
     good = tmp_path / "good.yaml"
     good.write_text("listen: 127.0.0.1:8080\n")
     bad = tmp_path / "bad.yaml"
     bad.write_text("listen: nowhere\nupstrem: {}\n")
-    run = [sys.executable, "-m", "gateway", "check", "--config"]
-    ok = subprocess.run([*run, str(good)], capture_output=True, text=True, timeout=60)
-    assert ok.returncode == 0, ok.stderr
-    failed = subprocess.run([*run, str(bad)], capture_output=True, text=True, timeout=60)
-    assert failed.returncode == 2
-    lines = failed.stdout.splitlines()
+    (ok, _, ok_err), (failed, out, err) = await asyncio.gather(
+        run_cli("check", "--config", str(good)), run_cli("check", "--config", str(bad))
+    )
+    assert ok == 0, ok_err
+    assert failed == 2
+    lines = out.splitlines()
     assert "listen: must be HOST:PORT (IPv6 as [::1]:PORT)" in lines
     assert "upstrem: unknown key (did you mean 'upstream'?)" in lines
-    assert "Traceback" not in failed.stderr
+    assert "Traceback" not in err

@@ -24,25 +24,19 @@ import openai
 import pytest
 import yarl
 
+from tests.conftest import REPO
 from tests.fake_ollama import FakeOllama, fake_ollama
 
 TS = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z"
 ERROR_LINE = b'{"error":"an error was encountered while running the model"}\n'
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
 GEN = {"model": "llama3.2", "prompt": "hi"}
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
 async def server() -> AsyncIterator[FakeOllama]:
     async with fake_ollama() as fake:
         yield fake
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 @pytest.fixture
@@ -281,6 +275,17 @@ async def test_hang_then_client_gone(server: FakeOllama, http: aiohttp.ClientSes
     assert got.count(b"\n") == 1  # one chunk, then silence
     gone = await server.wait_client_gone()
     assert gone.path == "/api/chat" and gone.client_gone and gone.status == 200
+
+
+async def test_resume_lets_a_held_stream_finish(server: FakeOllama, http: aiohttp.ClientSession):
+    server.hang_after_chunks = 1
+    async with http.post(server.url + "/api/generate", json=GEN) as r:
+        first = json.loads(await r.content.readline())
+        assert first["done"] is False
+        server.resume()
+        rest = [json.loads(line) for line in (await r.read()).splitlines()]
+    assert [first, *rest][-1]["done"] is True and len(rest) == server.chunks
+    assert server.hang_after_chunks is None  # later streams are not held
 
 
 async def test_client_gone_while_streaming(server: FakeOllama, http: aiohttp.ClientSession):

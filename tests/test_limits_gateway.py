@@ -18,7 +18,7 @@ from gateway.limits.checks import check_limits
 from gateway.limits.resolve import limits_for
 from gateway.reload import Overrides, Reloader
 from tests.auth_support import FAST_BCRYPT, FakeClock, basic
-from tests.conftest import GatewayFactory, RunningGateway
+from tests.conftest import GatewayFactory, RunningGateway, free_port
 from tests.fake_ollama import FakeOllama
 from tests.metrics_support import Observed
 
@@ -298,8 +298,6 @@ async def test_counters_survive_a_reload(
 async def test_store_errors_are_visible_to_metrics(
     gateway_factory: GatewayFactory, fake: FakeOllama, http: aiohttp.ClientSession
 ) -> None:
-    from tests.redis_server import free_port
-
     gw = await start(
         gateway_factory,
         fake,
@@ -335,8 +333,6 @@ async def test_many_parallel_requests_never_exceed_concurrency(
 async def test_a_failed_upstream_gives_the_slot_back(
     gateway_factory: GatewayFactory, fake: FakeOllama, http: aiohttp.ClientSession
 ) -> None:
-    from tests.redis_server import free_port
-
     cfg = config(fake, {"concurrency": 1})
     cfg["upstream"] = {"url": f"http://127.0.0.1:{free_port()}"}  # nothing listens there
     gw = await gateway_factory(cfg, clock=FakeClock())

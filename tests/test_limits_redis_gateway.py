@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import re
-import signal
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 
 from gateway.keys import LIMITER
 from tests.auth_support import FAST_BCRYPT, basic
-from tests.conftest import GatewayFactory, RunningGateway
+from tests.conftest import GatewayFactory, RunningGateway, gateway_process
 from tests.fake_ollama import FakeOllama
 from tests.metrics_support import Observed
 from tests.redis_server import RedisServer
@@ -27,7 +24,6 @@ pytestmark = pytest.mark.redis
 ALICE = basic("alice", "pw")
 GENERATE = {"model": "llama3.2", "prompt": "hi", "stream": False}
 STREAM = {"model": "llama3.2", "prompt": "hi"}
-LISTENING = re.compile(r"listening on (https?://\S+)")
 
 
 def config(
@@ -55,38 +51,12 @@ Serve = Callable[[dict[str, Any]], Awaitable[str]]
 @pytest.fixture
 async def serve(tmp_path: Path) -> AsyncIterator[Serve]:
     """serve(config) -> URL of a real `python -m gateway serve` process."""
-    processes: list[asyncio.subprocess.Process] = []
+    async with contextlib.AsyncExitStack() as processes:
 
-    async def start(cfg: dict[str, Any]) -> str:
-        path = tmp_path / f"serve-{len(processes)}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        log = (tmp_path / f"serve-{len(processes)}.log").open("wb")
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway",
-            "serve",
-            "--config",
-            str(path),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=log,
-        )
-        log.close()
-        processes.append(process)
-        assert process.stdout is not None
-        async with asyncio.timeout(20):
-            while line := await process.stdout.readline():
-                if match := LISTENING.search(line.decode()):
-                    return match.group(1)
-        raise AssertionError(f"gateway did not start: {(path.with_suffix('.log')).read_text()}")
+        async def start(cfg: dict[str, Any]) -> str:
+            return (await processes.enter_async_context(gateway_process(cfg, tmp_path))).url
 
-    yield start
-    for process in processes:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-    for process in processes:
-        async with asyncio.timeout(20):
-            await process.wait()
+        yield start
 
 
 async def test_two_gateway_processes_share_one_limit(

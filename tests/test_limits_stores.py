@@ -15,7 +15,8 @@ from gateway.config import LimitsConfig
 from gateway.limits import Decision, Limiter, StoreUnavailable
 from gateway.limits.core import retry_after_header
 from gateway.limits.memory import MemoryLimiter
-from tests.redis_server import RedisServer, free_port
+from tests.conftest import free_port
+from tests.redis_server import RedisServer
 
 
 class FakeClock:

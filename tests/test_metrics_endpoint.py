@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import socket
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 
 from gateway.metrics_http import start_metrics_listener
-from tests.conftest import GatewayFactory
+from tests import auth_support
+from tests.conftest import GatewayFactory, RunningGateway, free_port
 from tests.fake_ollama import FakeOllama
 from tests.metrics_support import Scrape, pbkdf2_hash
-from tests.metrics_support import basic as basic_header
 
 PASSWORD = "correct horse battery staple"
 
 
 def basic(user: str, password: str = PASSWORD) -> dict[str, str]:
-    return basic_header(user, password)
+    return auth_support.basic(user, password)
 
 
 def users_config(url: str, **metrics: Any) -> dict[str, Any]:
@@ -32,12 +33,6 @@ def users_config(url: str, **metrics: Any) -> dict[str, Any]:
         },
         "metrics": metrics,
     }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_metrics_need_credentials_by_default(
@@ -85,7 +80,6 @@ async def test_metrics_path_is_configurable(
 async def test_metrics_need_a_metrics_role(
     gateway_factory: GatewayFactory, fake: FakeOllama, http: aiohttp.ClientSession
 ) -> None:
-    """Waits on the authentication issue: the placeholder refuses every credential."""
     gw = await gateway_factory(users_config(fake.url))
     async with http.get(gw.url + "/metrics", headers=basic("ops")) as response:
         assert response.status == 200
@@ -96,6 +90,18 @@ async def test_metrics_need_a_metrics_role(
         assert response.status == 401
 
 
+@contextlib.asynccontextmanager
+async def metrics_listener(gw: RunningGateway) -> AsyncIterator[str]:
+    """The listener `metrics.listen` names, started as `serve` starts it -> its base URL."""
+    listen = gw.config.metrics.listen
+    assert listen is not None
+    runner = await start_metrics_listener(gw.app, listen)
+    try:
+        yield f"http://{listen}"
+    finally:
+        await runner.cleanup()
+
+
 async def test_separate_listener_serves_metrics_and_main_listener_does_not(
     gateway_factory: GatewayFactory, fake: FakeOllama, http: aiohttp.ClientSession
 ) -> None:
@@ -103,11 +109,10 @@ async def test_separate_listener_serves_metrics_and_main_listener_does_not(
     gw = await gateway_factory(
         {"upstream": {"url": fake.url}, "metrics": {"public": True, "listen": listen}}
     )
-    runner = await start_metrics_listener(gw.app, listen)
-    try:
+    async with metrics_listener(gw) as metrics_url:
         async with http.get(gw.url + "/api/version") as response:
             assert response.status == 200
-        async with http.get(f"http://{listen}/metrics") as response:
+        async with http.get(f"{metrics_url}/metrics") as response:
             assert response.status == 200
             scrape = Scrape(await response.text())
         # The main listener's traffic shows on the metrics port (one registry).
@@ -116,11 +121,9 @@ async def test_separate_listener_serves_metrics_and_main_listener_does_not(
             assert response.status == 404
             assert "ollama_gateway_" not in await response.text()
         assert not fake.requests_to("/metrics")  # never relayed either
-        async with http.get(f"http://{listen}/api/version") as response:
+        async with http.get(f"{metrics_url}/api/version") as response:
             assert response.status == 404  # the metrics port serves metrics only
         assert len(fake.requests_to("/api/version")) == 1
-    finally:
-        await runner.cleanup()
 
 
 async def test_separate_listener_still_needs_credentials_unless_public(
@@ -128,26 +131,20 @@ async def test_separate_listener_still_needs_credentials_unless_public(
 ) -> None:
     listen = f"127.0.0.1:{free_port()}"
     gw = await gateway_factory({"upstream": {"url": fake.url}, "metrics": {"listen": listen}})
-    runner = await start_metrics_listener(gw.app, listen)
-    try:
-        async with http.get(f"http://{listen}/metrics") as response:
-            assert response.status == 401
-            assert "ollama_gateway_" not in await response.text()
-    finally:
-        await runner.cleanup()
+    async with (
+        metrics_listener(gw) as metrics_url,
+        http.get(f"{metrics_url}/metrics") as response,
+    ):
+        assert response.status == 401
+        assert "ollama_gateway_" not in await response.text()
 
 
 async def test_separate_listener_accepts_a_metrics_role(
     gateway_factory: GatewayFactory, fake: FakeOllama, http: aiohttp.ClientSession
 ) -> None:
-    """Waits on the authentication issue: the placeholder refuses every credential."""
-    listen = f"127.0.0.1:{free_port()}"
-    gw = await gateway_factory(users_config(fake.url, listen=listen))
-    runner = await start_metrics_listener(gw.app, listen)
-    try:
-        async with http.get(f"http://{listen}/metrics", headers=basic("ops")) as response:
+    gw = await gateway_factory(users_config(fake.url, listen=f"127.0.0.1:{free_port()}"))
+    async with metrics_listener(gw) as metrics_url:
+        async with http.get(f"{metrics_url}/metrics", headers=basic("ops")) as response:
             assert response.status == 200
-        async with http.get(f"http://{listen}/metrics", headers=basic("bob")) as response:
+        async with http.get(f"{metrics_url}/metrics", headers=basic("bob")) as response:
             assert response.status == 403
-    finally:
-        await runner.cleanup()

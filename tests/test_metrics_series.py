@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import socket
 from typing import Any
 
 import aiohttp
@@ -13,7 +11,7 @@ from prometheus_client import generate_latest
 import gateway as package
 from gateway.keys import METRICS
 from gateway.metrics import LATENCY_BUCKETS, OVERHEAD_BUCKETS
-from tests.conftest import GatewayFactory, RunningGateway, require_binary
+from tests.conftest import GatewayFactory, RunningGateway, free_port, require_binary, run_command
 from tests.fake_ollama import FakeOllama
 from tests.metrics_support import Observed, Scrape, scrape
 
@@ -26,12 +24,6 @@ def public(url: str, **extra: Any) -> dict[str, Any]:
         "metrics": {"public": True, **extra.pop("metrics", {})},
         **extra,
     }
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def _generate(http: aiohttp.ClientSession, gw: RunningGateway, **body: Any) -> bytes:
@@ -116,16 +108,8 @@ async def test_scrape_passes_promtool(
     assert exported.value("ollama_gateway_tokens_total") > 0  # every family has samples
     assert exported.value("ollama_gateway_auth_failures_total") == 1
     text = exported.text
-    proc = await asyncio.create_subprocess_exec(
-        promtool,
-        "check",
-        "metrics",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await proc.communicate(text.encode())
-    assert proc.returncode == 0, out.decode()
+    code, out, err = await run_command(promtool, "check", "metrics", stdin=text.encode())
+    assert code == 0, out + err
 
 
 async def test_upstream_up_gauge_follows_readyz(
@@ -147,7 +131,7 @@ async def test_upstream_up_gauge_follows_readyz(
 async def test_refused_upstream_is_counted(
     gateway_factory: GatewayFactory, http: aiohttp.ClientSession
 ) -> None:
-    gw = await gateway_factory(public(f"http://127.0.0.1:{closed_port()}"))
+    gw = await gateway_factory(public(f"http://127.0.0.1:{free_port()}"))  # nothing listens
     async with http.get(gw.url + "/api/tags") as response:
         assert response.status == 502
     s = await scrape(http, gw.url)
@@ -156,18 +140,15 @@ async def test_refused_upstream_is_counted(
 
 
 async def test_timed_out_upstream_is_counted(
-    gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+    gateway_factory: GatewayFactory, fake: FakeOllama, http: aiohttp.ClientSession
 ) -> None:
-    slow = await FakeOllama(first_byte_delay=30).start()
-    try:
-        gw = await gateway_factory(public(slow.url, upstream={"read_timeout": 0.2}))
-        async with http.post(gw.url + "/api/generate", json=GENERATE) as response:
-            assert response.status == 504
-        s = await scrape(http, gw.url)
-        assert s.value("ollama_gateway_upstream_errors_total", kind="timeout") == 1
-        assert s.value("ollama_gateway_requests_total", status="504") == 1
-    finally:
-        await slow.close()
+    fake.first_byte_delay = 30
+    gw = await gateway_factory(public(fake.url, upstream={"read_timeout": 0.2}))
+    async with http.post(gw.url + "/api/generate", json=GENERATE) as response:
+        assert response.status == 504
+    s = await scrape(http, gw.url)
+    assert s.value("ollama_gateway_upstream_errors_total", kind="timeout") == 1
+    assert s.value("ollama_gateway_requests_total", status="504") == 1
 
 
 async def test_upstream_reset_mid_stream_is_counted(
@@ -245,4 +226,5 @@ async def test_user_label_off_drops_the_label_everywhere(
     assert s.labelsets("ollama_gateway_requests_total")
     assert all("user" not in labels for labels in s.labelsets("ollama_gateway_requests_total"))
     assert "# TYPE ollama_gateway_tokens_total counter" in s.text
+    assert s.labelsets("ollama_gateway_tokens_total")  # the generation's tokens were counted
     assert all("user" not in labels for labels in s.labelsets("ollama_gateway_tokens_total"))

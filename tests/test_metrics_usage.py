@@ -1,7 +1,6 @@
 """Series per user and model, auth failures and 429s, through the real gateway.
 
-These need the authentication, authorisation and admission issues (real credentials, route
-classes, token accounting, limits); with the placeholders they fail.
+Real credentials, route classes, token accounting and limits all feed these series.
 """
 
 from __future__ import annotations
@@ -14,9 +13,10 @@ from typing import Any
 import aiohttp
 import jwt
 
+from tests.auth_support import basic
 from tests.conftest import GatewayFactory, RunningGateway
 from tests.fake_ollama import FakeOllama
-from tests.metrics_support import Observed, basic, pbkdf2_hash, scrape
+from tests.metrics_support import Observed, pbkdf2_hash, scrape
 
 PASSWORD = "correct horse battery staple"
 API_KEY = "og_test_" + "k" * 40

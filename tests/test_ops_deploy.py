@@ -22,9 +22,8 @@ import yaml
 from gateway.config import DEFAULT_SHUTDOWN_GRACE
 from gateway.config_load import load_config, parse_host_port
 from gateway.secure_defaults import startup_problems
-from tests.conftest import GatewayFactory, require_binary
+from tests.conftest import REPO, GatewayFactory, require_binary, run_command
 from tests.fake_ollama import FakeOllama
-from tests.ops_support import REPO
 
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
@@ -154,7 +153,7 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 def test_dockerfile_is_slim_non_root_and_serves_the_config() -> None:
     instructions = dockerfile_instructions()
     bases = [rest for keyword, rest in instructions if keyword == "FROM"]
-    assert all(re.match(r"python:3\.1[1-9]-slim\b", base) for base in bases), bases
+    assert bases and all(re.match(r"python:3\.1[1-9]-slim\b", base) for base in bases), bases
     users = [rest for keyword, rest in instructions if keyword == "USER"]
     assert users and users[-1].split(":")[0] not in {"root", "0"}
     runs = " ".join(rest for keyword, rest in instructions if keyword == "RUN")
@@ -183,19 +182,12 @@ def healthcheck_command() -> list[str]:
 async def test_dockerfile_healthcheck_probes_healthz(
     gateway_factory: GatewayFactory, fake: FakeOllama
 ) -> None:
-    import asyncio
-
     gw = await gateway_factory({"upstream": {"url": fake.url}})
     command = healthcheck_command()
 
     async def probe(url: str) -> int:
-        proc = await asyncio.create_subprocess_exec(
-            *command,
-            env={"GATEWAY_HEALTH_URL": url},
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        return await asyncio.wait_for(proc.wait(), 10)
+        code, _out, _err = await run_command(*command, env={"GATEWAY_HEALTH_URL": url})
+        return code
 
     assert await probe(f"{gw.url}/healthz") == 0
     assert await probe("http://127.0.0.1:9/healthz") != 0  # nothing there: unhealthy

@@ -9,8 +9,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.conftest import gateway_process, run_cli
 from tests.fake_ollama import FakeOllama
-from tests.ops_support import run_cli, running_gateway, write_config
+from tests.ops_support import write_config
 
 # Public routes: these tests are about the process, not about credentials.
 PUBLIC_ROUTES = [
@@ -18,16 +19,6 @@ PUBLIC_ROUTES = [
     {"path": "/api/version", "methods": ["GET"], "public": True},
 ]
 CLOSED_PORT_URL = "http://127.0.0.1:9"  # discard port: nothing listens there
-
-
-@pytest.fixture
-async def slow_fake() -> FakeOllama:
-    fake = FakeOllama(chunks=6, chunk_delay=0.15)
-    await fake.start()
-    try:
-        yield fake
-    finally:
-        await fake.close()
 
 
 async def test_overrides_win_over_the_file(tmp_path: Path, fake: FakeOllama) -> None:
@@ -41,8 +32,8 @@ async def test_overrides_win_over_the_file(tmp_path: Path, fake: FakeOllama) -> 
             "routes": PUBLIC_ROUTES,
         },
     )
-    async with running_gateway(
-        "--config", str(config), "--listen", "127.0.0.1:0", "--upstream", fake.url
+    async with gateway_process(
+        config, tmp_path, "--listen", "127.0.0.1:0", "--upstream", fake.url
     ) as gw:
         assert gw.url.startswith("http://127.0.0.1:")
         assert not gw.url.endswith(":0")
@@ -65,17 +56,18 @@ async def test_bad_override_is_refused(tmp_path: Path) -> None:
 
 
 async def test_sigterm_lets_the_stream_finish_and_refuses_new_connections(
-    tmp_path: Path, slow_fake: FakeOllama
+    tmp_path: Path, fake: FakeOllama
 ) -> None:
+    fake.hang_after_chunks = 1  # the stream stays open until the test lets it go on
     config = write_config(
         tmp_path / "gateway.yaml",
         {
-            "upstream": {"url": slow_fake.url},
+            "upstream": {"url": fake.url},
             "routes": PUBLIC_ROUTES,
             "shutdown_grace": 20,
         },
     )
-    async with running_gateway("--config", str(config), "--listen", "127.0.0.1:0") as gw:
+    async with gateway_process(config, tmp_path, "--listen", "127.0.0.1:0") as gw:
         async with aiohttp.ClientSession() as http:
             body = {"model": "llama3.2", "prompt": "tell me a story"}
             async with http.post(f"{gw.url}/api/generate", json=body) as resp:
@@ -89,11 +81,12 @@ async def test_sigterm_lets_the_stream_finish_and_refuses_new_connections(
                 async with aiohttp.ClientSession() as other:
                     with pytest.raises(aiohttp.ClientConnectorError):
                         await other.get(f"{gw.url}/healthz")
-                assert gw.proc.returncode is None  # ...while the stream goes on
+                assert gw.process.returncode is None  # ...while the stream goes on
+                fake.resume()
                 rest = await resp.content.read()
 
         records = [json.loads(line) for line in [first, *rest.splitlines()] if line.strip()]
-        assert len(records) == slow_fake.chunks + 1
+        assert len(records) == fake.chunks + 1
         assert records[-1]["done"] is True
         assert records[-1]["done_reason"] == "stop"
         assert await gw.wait_exit() == 0
@@ -104,12 +97,13 @@ async def test_sigterm_cancels_what_outlives_the_grace(tmp_path: Path, fake: Fak
     config = write_config(
         tmp_path / "gateway.yaml",
         {
+            "listen": "127.0.0.1:0",
             "upstream": {"url": fake.url},
             "routes": PUBLIC_ROUTES,
-            "shutdown_grace": 0.5,
+            "shutdown_grace": 0.2,
         },
     )
-    async with running_gateway("--config", str(config)) as gw:
+    async with gateway_process(config, tmp_path) as gw:
         async with aiohttp.ClientSession() as http:
             body = {"model": "llama3.2", "prompt": "hi"}
             async with http.post(f"{gw.url}/api/generate", json=body) as resp:
@@ -123,16 +117,17 @@ async def test_sigterm_cancels_what_outlives_the_grace(tmp_path: Path, fake: Fak
 
 
 async def test_reload_command_with_pidfile(tmp_path: Path, fake: FakeOllama) -> None:
-    config = write_config(tmp_path / "gateway.yaml", {"upstream": {"url": fake.url}})
+    config = write_config(
+        tmp_path / "gateway.yaml", {"listen": "127.0.0.1:0", "upstream": {"url": fake.url}}
+    )
     pidfile = tmp_path / "gateway.pid"
-    async with running_gateway("--config", str(config), "--pidfile", str(pidfile)) as gw:
-        assert int(pidfile.read_text()) == gw.proc.pid
+    async with gateway_process(config, tmp_path, "--pidfile", str(pidfile)) as gw:
+        assert int(pidfile.read_text()) == gw.process.pid
         code, out, _err = await run_cli("reload", "--pidfile", str(pidfile))
         assert code == 0, out
-        assert f"sent SIGHUP to {gw.proc.pid}" in out
+        assert f"sent SIGHUP to {gw.process.pid}" in out
         await gw.wait_line(r"config reloaded from .* \(generation 1\)")
-        gw.send(signal.SIGTERM)
-        assert await gw.wait_exit() == 0
+        assert await gw.stop() == 0
     assert not pidfile.exists()  # removed on exit
 
     code, _out, err = await run_cli("reload", "--pidfile", str(pidfile))

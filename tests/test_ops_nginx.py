@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,9 +16,16 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import GatewayFactory, require_binary
+from tests.conftest import (
+    REPO,
+    GatewayFactory,
+    free_port,
+    require_binary,
+    run_command,
+    until,
+)
 from tests.fake_ollama import FakeOllama
-from tests.ops_support import REPO, CertFiles, make_certificate
+from tests.ops_support import CertFiles, make_certificate
 
 SITE = REPO / "deploy" / "nginx-tls.conf"
 
@@ -44,12 +50,6 @@ def test_site_settings_for_streaming() -> None:
     timeout = next(d for d in found if d.startswith("proxy_read_timeout"))
     assert int(re.search(r"(\d+)s", timeout).group(1)) >= 600  # type: ignore[union-attr]
     assert "trusted_proxies" in SITE.read_text()  # tells users to believe nginx's header
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def nginx_config(
@@ -84,22 +84,13 @@ http {{
     return main
 
 
-async def run(*args: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode()
-
-
 async def test_nginx_accepts_the_site(tmp_path: Path) -> None:
     nginx = require_binary("nginx")
     cert = make_certificate(tmp_path)
     main = nginx_config(tmp_path, cert, "127.0.0.1:8080", free_port(), free_port())
-    code, out = await run(nginx, "-t", "-c", str(main), "-p", str(tmp_path))
-    assert code == 0, out
-    assert "test is successful" in out
+    code, _out, err = await run_command(nginx, "-t", "-c", str(main), "-p", str(tmp_path))
+    assert code == 0, err
+    assert "test is successful" in err  # nginx -t reports on stderr
 
 
 @pytest.fixture
@@ -127,26 +118,23 @@ async def nginx_in_front(
         stderr=asyncio.subprocess.DEVNULL,
     )
     try:
-        await wait_listening(https_port, proc)
+        await until(lambda: accepts(https_port, proc), within=10, interval=0.05)
         yield f"https://127.0.0.1:{https_port}", cert
     finally:
         proc.terminate()
         await proc.wait()
 
 
-async def wait_listening(port: int, proc: asyncio.subprocess.Process) -> None:
-    """nginx prints nothing when ready: connect until it accepts (bounded)."""
-    async with asyncio.timeout(10):
-        while True:
-            assert proc.returncode is None, "nginx exited"
-            try:
-                _reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            await writer.wait_closed()
-            return
+async def accepts(port: int, proc: asyncio.subprocess.Process) -> bool:
+    """nginx prints nothing when ready: whether it accepts a connection yet."""
+    assert proc.returncode is None, "nginx exited"
+    try:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    await writer.wait_closed()
+    return True
 
 
 async def test_tokens_stream_through_nginx_unbuffered(

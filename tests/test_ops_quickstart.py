@@ -8,25 +8,19 @@ broken file, a new user added with `hash-password` and taken by a SIGHUP reload,
 from __future__ import annotations
 
 import asyncio
-import base64
 import shutil
-import signal
 from pathlib import Path
 
 import aiohttp
 import ollama
 import yaml
 
+from tests.auth_support import basic
+from tests.conftest import REPO, gateway_process, run_cli
 from tests.fake_ollama import FakeOllama
-from tests.ops_support import REPO, run_cli, running_gateway
 
 EXAMPLE = REPO / "config" / "gateway.yaml"
 DEMO_USER, DEMO_PASSWORD = "demo", "change-me"  # as the example's comment says
-
-
-def basic_header(user: str, password: str) -> dict[str, str]:
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    return {"Authorization": f"Basic {token}"}
 
 
 async def test_quick_start(tmp_path: Path, fake: FakeOllama) -> None:
@@ -36,8 +30,8 @@ async def test_quick_start(tmp_path: Path, fake: FakeOllama) -> None:
     code, out, err = await run_cli("check", "--config", str(config))
     assert code == 0, out + err
 
-    async with running_gateway(
-        "--config", str(config), "--listen", "127.0.0.1:0", "--upstream", fake.url
+    async with gateway_process(
+        config, tmp_path, "--listen", "127.0.0.1:0", "--upstream", fake.url
     ) as gw:
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{gw.url}/readyz") as resp:
@@ -49,7 +43,7 @@ async def test_quick_start(tmp_path: Path, fake: FakeOllama) -> None:
                 assert "error" in await resp.json()
 
         # The first real request: the official client, streaming, with the demo user.
-        headers = basic_header(DEMO_USER, DEMO_PASSWORD)
+        headers = basic(DEMO_USER, DEMO_PASSWORD)
         async with ollama.AsyncClient(host=gw.url, headers=headers) as client:
             stream = await client.generate(model="llama3.2", prompt="hello", stream=True)
             parts = [part async for part in stream]
@@ -78,14 +72,11 @@ async def test_quick_start(tmp_path: Path, fake: FakeOllama) -> None:
         settings = yaml.safe_load(config.read_text())
         settings["auth"]["users"]["newbie"] = {"password": hashed.strip(), "roles": ["user"]}
         config.write_text(yaml.safe_dump(settings, sort_keys=False))
-        mark = len(gw.lines)
-        gw.send(signal.SIGHUP)
-        await gw.wait_line(r"config reloaded from .* \(generation 1\)", after=mark)
+        await gw.reload(r"config reloaded from .* \(generation 1\)")
 
-        headers = basic_header("newbie", "newbie-password")
+        headers = basic("newbie", "newbie-password")
         async with ollama.AsyncClient(host=gw.url, headers=headers) as newbie:
             reply = await newbie.generate(model="llama3.2", prompt="hi")
         assert reply.done is True
 
-        gw.send(signal.SIGTERM)
-        assert await gw.wait_exit() == 0
+        assert await gw.stop() == 0

@@ -8,7 +8,6 @@ config they started with; `--listen`/`--upstream` stay in force.
 from __future__ import annotations
 
 import json
-import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,15 +17,10 @@ import pytest
 
 from gateway.keys import METRICS, STATE
 from gateway.server import reload_config
-from tests.conftest import GatewayFactory
+from tests.auth_support import FAST_BCRYPT, basic
+from tests.conftest import GatewayFactory, gateway_process
 from tests.fake_ollama import FakeOllama
-from tests.ops_support import (
-    GatewayProcess,
-    basic,
-    password_hash,
-    running_gateway,
-    write_config,
-)
+from tests.ops_support import write_config
 
 ALICE = basic("alice", "alice-password")
 BOB = basic("bob", "bob-password")
@@ -36,7 +30,7 @@ CLOSED_PORT_URL = "http://127.0.0.1:9"
 
 @pytest.fixture(scope="module")
 def hashes() -> dict[str, str]:
-    return {"alice": password_hash("alice-password"), "bob": password_hash("bob-password")}
+    return {"alice": FAST_BCRYPT.hash("alice-password"), "bob": FAST_BCRYPT.hash("bob-password")}
 
 
 @pytest.fixture
@@ -62,12 +56,6 @@ def settings(
 
 GENERATE_FOR_USERS = {"path": "/api/generate", "methods": ["POST"], "roles": ["user"]}
 METRICS_FOR_ADMINS = {"path": "/metrics", "methods": ["GET"], "roles": ["admin"]}
-
-
-async def reload(gw: GatewayProcess, expect: str) -> None:
-    mark = len(gw.lines)
-    gw.send(signal.SIGHUP)
-    await gw.wait_line(expect, after=mark)
 
 
 async def status(
@@ -96,7 +84,7 @@ async def test_sighup_swaps_users_upstream_routes_and_limits(
             [GENERATE_FOR_USERS],
         ),
     )
-    async with running_gateway("--config", str(path)) as gw, aiohttp.ClientSession() as http:
+    async with gateway_process(path, tmp_path) as gw, aiohttp.ClientSession() as http:
         generate, version = f"{gw.url}/api/generate", f"{gw.url}/api/version"
         assert await status(http, generate, ALICE, GENERATE) == 200
         assert await status(http, generate, BOB, GENERATE) == 401
@@ -115,7 +103,7 @@ async def test_sighup_swaps_users_upstream_routes_and_limits(
                 },
             ),
         )
-        await reload(gw, r"config reloaded from .* \(generation 1\)")
+        await gw.reload(r"config reloaded from .* \(generation 1\)")
 
         assert await status(http, generate, ALICE, GENERATE) == 401  # user removed
         assert await status(http, generate, BOB, GENERATE) == 200  # user added
@@ -138,7 +126,7 @@ async def test_a_bad_file_keeps_the_old_config_and_logs_every_problem(
         [GENERATE_FOR_USERS, METRICS_FOR_ADMINS],
     )
     path = write_config(tmp_path / "gateway.yaml", good)
-    async with running_gateway("--config", str(path)) as gw, aiohttp.ClientSession() as http:
+    async with gateway_process(path, tmp_path) as gw, aiohttp.ClientSession() as http:
         generate = f"{gw.url}/api/generate"
         bad = settings(
             "ftp://ollama",
@@ -147,7 +135,7 @@ async def test_a_bad_file_keeps_the_old_config_and_logs_every_problem(
             shutdown_grase=5,
         )
         write_config(path, bad)
-        await reload(gw, r"reload of .* failed \(\d+ problem\(s\)\); still serving generation 0")
+        await gw.reload(r"reload of .* failed \(\d+ problem\(s\)\); still serving generation 0")
         refused = [line for line in gw.lines if "reload refused:" in line]
         for key in (
             "shutdown_grase",
@@ -167,47 +155,46 @@ async def test_a_bad_file_keeps_the_old_config_and_logs_every_problem(
 
         # Fixed file: taken, and counted as a success.
         write_config(path, good)
-        await reload(gw, r"config reloaded from .* \(generation 1\)")
+        await gw.reload(r"config reloaded from .* \(generation 1\)")
         async with http.get(f"{gw.url}/metrics", headers=ALICE) as resp:
             text = await resp.text()
         assert 'ollama_gateway_config_reloads_total{result="success"} 1.0' in text
 
 
 async def test_a_stream_in_flight_finishes_on_the_old_config(
-    tmp_path: Path, hashes: dict[str, str]
+    tmp_path: Path, fake: FakeOllama, hashes: dict[str, str]
 ) -> None:
-    slow = await FakeOllama(chunks=6, chunk_delay=0.15).start()
-    try:
-        path = write_config(
-            tmp_path / "gateway.yaml",
-            settings(
-                slow.url,
-                {"alice": {"password": hashes["alice"], "roles": ["user"]}},
-                [GENERATE_FOR_USERS],
-            ),
-        )
-        async with running_gateway("--config", str(path)) as gw, aiohttp.ClientSession() as http:
-            body = {"model": "llama3.2", "prompt": "a long story"}
-            async with http.post(f"{gw.url}/api/generate", json=body, headers=ALICE) as resp:
-                assert resp.status == 200
-                first = await resp.content.readline()
-                # Alice removed and the upstream moved away while her stream runs.
-                write_config(
-                    path,
-                    settings(
-                        CLOSED_PORT_URL,
-                        {"bob": {"password": hashes["bob"], "roles": ["user"]}},
-                        [GENERATE_FOR_USERS],
-                    ),
-                )
-                await reload(gw, r"config reloaded from .* \(generation 1\)")
-                assert await status(http, f"{gw.url}/api/generate", ALICE, GENERATE) == 401
-                rest = await resp.content.read()
-            records = [json.loads(x) for x in [first, *rest.splitlines()] if x.strip()]
-            assert len(records) == slow.chunks + 1
-            assert records[-1]["done"] is True
-    finally:
-        await slow.close()
+    fake.hang_after_chunks = 1  # the stream stays open until the test lets it go on
+    path = write_config(
+        tmp_path / "gateway.yaml",
+        settings(
+            fake.url,
+            {"alice": {"password": hashes["alice"], "roles": ["user"]}},
+            [GENERATE_FOR_USERS],
+        ),
+    )
+    async with gateway_process(path, tmp_path) as gw, aiohttp.ClientSession() as http:
+        body = {"model": "llama3.2", "prompt": "a long story"}
+        async with http.post(f"{gw.url}/api/generate", json=body, headers=ALICE) as resp:
+            assert resp.status == 200
+            first = await resp.content.readline()
+            # Alice removed and the upstream moved away while her stream runs.
+            write_config(
+                path,
+                settings(
+                    CLOSED_PORT_URL,
+                    {"bob": {"password": hashes["bob"], "roles": ["user"]}},
+                    [GENERATE_FOR_USERS],
+                ),
+            )
+            await gw.reload(r"config reloaded from .* \(generation 1\)")
+            assert await status(http, f"{gw.url}/api/generate", ALICE, GENERATE) == 401
+            fake.resume()
+            rest = await resp.content.read()
+        records = [json.loads(x) for x in [first, *rest.splitlines()] if x.strip()]
+        assert len(records) == fake.chunks + 1
+        assert records[-1]["done"] is True
+        assert len(fake.requests_to("/api/generate")) == 1  # the old upstream, to the end
 
 
 async def test_cli_overrides_stay_in_force_after_reload(
@@ -222,9 +209,7 @@ async def test_cli_overrides_stay_in_force_after_reload(
         },
     )
     async with (
-        running_gateway(
-            "--config", str(path), "--listen", "127.0.0.1:0", "--upstream", fake.url
-        ) as gw,
+        gateway_process(path, tmp_path, "--listen", "127.0.0.1:0", "--upstream", fake.url) as gw,
         aiohttp.ClientSession() as http,
     ):
         users["bob"] = {"password": hashes["bob"], "roles": ["user"]}
@@ -235,7 +220,7 @@ async def test_cli_overrides_stay_in_force_after_reload(
                 "listen": "127.0.0.1:2",
             },
         )
-        await reload(gw, r"config reloaded from .* \(generation 1\)")
+        await gw.reload(r"config reloaded from .* \(generation 1\)")
         assert await status(http, f"{gw.url}/api/generate", BOB, GENERATE) == 200
         assert len(fake.requests_to("/api/generate")) == 1  # --upstream, not the file's
         assert not any("restart to apply" in line for line in gw.lines)  # --listen kept
@@ -246,7 +231,7 @@ async def test_settings_that_need_a_restart_are_kept_and_named(
 ) -> None:
     users = {"alice": {"password": hashes["alice"], "roles": ["user"]}}
     path = write_config(tmp_path / "gateway.yaml", settings(fake.url, users, [GENERATE_FOR_USERS]))
-    async with running_gateway("--config", str(path)) as gw, aiohttp.ClientSession() as http:
+    async with gateway_process(path, tmp_path) as gw, aiohttp.ClientSession() as http:
         write_config(
             path,
             {
@@ -255,7 +240,7 @@ async def test_settings_that_need_a_restart_are_kept_and_named(
                 "shutdown_grace": 3,
             },
         )
-        await reload(gw, r"config reloaded from .* \(generation 1\)")
+        await gw.reload(r"config reloaded from .* \(generation 1\)")
         await gw.wait_line(
             r"listen changed to '127\.0\.0\.1:1': restart to apply "
             r"\(still '127\.0\.0\.1:0'\)"

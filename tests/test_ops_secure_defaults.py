@@ -5,32 +5,45 @@ Only loopback traffic: a gateway bound to 0.0.0.0 is reached through 127.0.0.1.
 
 from __future__ import annotations
 
-import signal
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
+from tests.conftest import cli_env, gateway_process, run_cli
 from tests.fake_ollama import FakeOllama
-from tests.ops_support import cli_env, run_cli, running_gateway, write_config
+from tests.ops_support import write_config
 
 API_KEY = {"name": "ci", "sha256": "ab" * 32}  # a credential; nobody needs to know the key
 NO_CREDENTIALS = "no credentials are configured"
 
 
+def exposed(fake: FakeOllama, **extra: Any) -> dict[str, Any]:
+    """On every interface, with a credential: allowed to start."""
+    return {
+        "listen": "0.0.0.0:0",
+        "upstream": {"url": fake.url},
+        "auth": {"api_keys": [API_KEY]},
+        **extra,
+    }
+
+
 async def test_refuses_a_network_address_without_credentials(tmp_path: Path) -> None:
     config = write_config(tmp_path / "gateway.yaml", {"listen": "127.0.0.1:0"})
-    code, out, err = await run_cli("serve", "--config", str(config), "--listen", "0.0.0.0:0")
+    # `check` reads `listen` from the file, and says the same.
+    exposed = write_config(tmp_path / "exposed.yaml", {"listen": "[::]:8080"})
+    (code, out, err), (check_code, check_out, _err) = await asyncio.gather(
+        run_cli("serve", "--config", str(config), "--listen", "0.0.0.0:0"),
+        run_cli("check", "--config", str(exposed)),
+    )
     assert code == 2
     assert "refusing to start" in err
     assert f"auth: {NO_CREDENTIALS}" in err
     assert "0.0.0.0:0" in err
     assert "listening on" not in out
-
-    # `check` reads `listen` from the file, and says the same.
-    exposed = write_config(tmp_path / "exposed.yaml", {"listen": "[::]:8080"})
-    code, out, _err = await run_cli("check", "--config", str(exposed))
-    assert code == 2
-    assert f"auth: {NO_CREDENTIALS}" in out
+    assert check_code == 2
+    assert f"auth: {NO_CREDENTIALS}" in check_out
 
 
 async def test_loopback_without_credentials_is_fine(tmp_path: Path) -> None:
@@ -48,7 +61,10 @@ async def test_refuses_a_short_hs_secret(tmp_path: Path) -> None:
         },
     )
     env = cli_env(SHORT_SECRET="too-short-secret")  # 16 bytes
-    code, out, err = await run_cli("serve", "--config", str(config), env=env)
+    (code, out, err), (check_code, check_out, _err) = await asyncio.gather(
+        run_cli("serve", "--config", str(config), env=env),
+        run_cli("check", "--config", str(config), env=env),
+    )
     assert code == 2
     assert "listening on" not in out
     problem_lines = [line for line in err.splitlines() if "auth.jwt.secret" in line]
@@ -56,25 +72,17 @@ async def test_refuses_a_short_hs_secret(tmp_path: Path) -> None:
     assert "32" in problem_lines[0]
     assert "too-short-secret" not in err  # the secret itself is never printed
 
-    code, out, _err = await run_cli("check", "--config", str(config), env=env)
-    assert code == 2
-    assert sum("auth.jwt.secret" in line for line in out.splitlines()) == 1
+    assert check_code == 2
+    assert sum("auth.jwt.secret" in line for line in check_out.splitlines()) == 1
 
 
 async def test_network_address_with_credentials_starts_and_warns(
     tmp_path: Path, fake: FakeOllama
 ) -> None:
-    config = write_config(
-        tmp_path / "gateway.yaml",
-        {
-            "listen": "0.0.0.0:0",
-            "upstream": {"url": fake.url},
-            "auth": {"api_keys": [API_KEY]},
-            # Even a route table calling /metrics public does not make the metrics public.
-            "routes": [{"path": "/metrics", "methods": ["GET"], "public": True}],
-        },
-    )
-    async with running_gateway("--config", str(config)) as gw:
+    # Even a route table calling /metrics public does not make the metrics public.
+    routes = [{"path": "/metrics", "methods": ["GET"], "public": True}]
+    config = write_config(tmp_path / "gateway.yaml", exposed(fake, routes=routes))
+    async with gateway_process(config, tmp_path) as gw:
         port = gw.url.rsplit(":", 1)[1]
         await gw.wait_line(r"serving plain HTTP on 0\.0\.0\.0:0, a non-loopback address")
         async with aiohttp.ClientSession() as http:
@@ -88,16 +96,8 @@ async def test_network_address_with_credentials_starts_and_warns(
 async def test_public_metrics_on_a_network_address_must_be_explicit(
     tmp_path: Path, fake: FakeOllama
 ) -> None:
-    config = write_config(
-        tmp_path / "gateway.yaml",
-        {
-            "listen": "0.0.0.0:0",
-            "upstream": {"url": fake.url},
-            "auth": {"api_keys": [API_KEY]},
-            "metrics": {"public": True},
-        },
-    )
-    async with running_gateway("--config", str(config)) as gw:
+    config = write_config(tmp_path / "gateway.yaml", exposed(fake, metrics={"public": True}))
+    async with gateway_process(config, tmp_path) as gw:
         port = gw.url.rsplit(":", 1)[1]
         await gw.wait_line(
             r"metrics\.public is true: /metrics on 0\.0\.0\.0:0 needs no "
@@ -112,19 +112,13 @@ async def test_public_metrics_on_a_network_address_must_be_explicit(
 
 
 async def test_reload_refuses_a_config_that_fails_them(tmp_path: Path, fake: FakeOllama) -> None:
-    settings = {
-        "listen": "0.0.0.0:0",
-        "upstream": {"url": fake.url},
-        "auth": {"api_keys": [API_KEY]},
-        "metrics": {"public": True},
-    }
+    settings = exposed(fake, metrics={"public": True})
     config = write_config(tmp_path / "gateway.yaml", settings)
-    async with running_gateway("--config", str(config)) as gw:
+    async with gateway_process(config, tmp_path) as gw:
         port = gw.url.rsplit(":", 1)[1]
         # Dropping every credential while exposed on the network: refused, old config kept.
         write_config(config, {**settings, "auth": {}})
-        gw.send(signal.SIGHUP)
-        await gw.wait_line(rf"reload refused: auth: {NO_CREDENTIALS}")
+        await gw.reload(rf"reload refused: auth: {NO_CREDENTIALS}")
         await gw.wait_line(r"still serving generation 0")
         async with (
             aiohttp.ClientSession() as http,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import ssl
 import warnings
 from pathlib import Path
@@ -12,8 +11,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.conftest import gateway_process
 from tests.fake_ollama import FakeOllama
-from tests.ops_support import CertFiles, make_certificate, running_gateway, write_config
+from tests.ops_support import CertFiles, make_certificate, write_config
 
 PUBLIC_ROUTES = [{"path": "/api/generate", "methods": ["POST"], "public": True}]
 
@@ -59,7 +59,7 @@ async def test_https_with_a_certificate_made_here(tmp_path: Path, fake: FakeOlla
             "tls": cert.tls,
         },
     )
-    async with running_gateway("--config", str(config), "--listen", "127.0.0.1:0") as gw:
+    async with gateway_process(config, tmp_path, "--listen", "127.0.0.1:0") as gw:
         assert gw.url.startswith("https://127.0.0.1:")
         connector = aiohttp.TCPConnector(ssl=client_context(cert))
         async with aiohttp.ClientSession(connector=connector) as http:
@@ -85,7 +85,7 @@ async def test_https_with_a_certificate_made_here(tmp_path: Path, fake: FakeOlla
 async def test_tls_1_1_is_refused_and_1_2_accepted(tmp_path: Path) -> None:
     cert = make_certificate(tmp_path)
     config = write_config(tmp_path / "gateway.yaml", {"tls": cert.tls})
-    async with running_gateway("--config", str(config), "--listen", "127.0.0.1:0") as gw:
+    async with gateway_process(config, tmp_path, "--listen", "127.0.0.1:0") as gw:
         for old in (ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1):
             with pytest.raises((ssl.SSLError, ConnectionError)):
                 await handshake(gw.host_port, old_protocol_client(cert, old))
@@ -102,21 +102,18 @@ def corrupt(path: Path) -> None:
 async def test_reload_picks_up_a_renewed_certificate(tmp_path: Path) -> None:
     old = make_certificate(tmp_path)
     config = write_config(tmp_path / "gateway.yaml", {"tls": old.tls})
-    async with running_gateway("--config", str(config), "--listen", "127.0.0.1:0") as gw:
+    async with gateway_process(config, tmp_path, "--listen", "127.0.0.1:0") as gw:
         await handshake(gw.host_port, client_context(old))
 
         new = make_certificate(tmp_path)  # renewed in place, as certbot does
         assert new.pem != old.pem
-        gw.send(signal.SIGHUP)
-        await gw.wait_line(r"config reloaded .*generation 1")
+        await gw.reload(r"config reloaded .*generation 1")
         await handshake(gw.host_port, client_context(new))
         with pytest.raises(ssl.SSLCertVerificationError):
             await handshake(gw.host_port, client_context(old))
 
         # A broken key file is refused as a whole: the running certificate stays.
         corrupt(new.key)
-        mark = len(gw.lines)
-        gw.send(signal.SIGHUP)
-        await gw.wait_line(r"reload refused: tls: cannot load the certificate", after=mark)
-        await gw.wait_line(r"still serving generation 1", after=mark)
+        await gw.reload(r"reload refused: tls: cannot load the certificate")
+        await gw.wait_line(r"still serving generation 1")
         await handshake(gw.host_port, client_context(new))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from passlib.hash import bcrypt
 
 from gateway.auth.principal import Principal
 from gateway.config import RouteRule
@@ -11,6 +10,7 @@ from gateway.config_load import ConfigError, parse_config
 from gateway.policy.models import ModelMatcher, is_cloud, models_for, normalise_model
 from gateway.policy.policy import Policy
 from gateway.policy.routes import BUILTIN_ROUTES, ROUTE_CLASSES, Access, RouteTable, route_class
+from tests.policy_support import HASH  # of "pw"
 
 USER = Principal("alice", frozenset({"user"}), "basic")
 ADMIN = Principal("root", frozenset({"admin"}), "basic")
@@ -184,7 +184,6 @@ def test_model_globs(globs: list[str], name: str, allowed: bool) -> None:
     assert ModelMatcher.build(globs).allows(name) is allowed
 
 
-HASH = bcrypt.using(rounds=4).hash("pw")
 CONFIG = f"""
 auth:
   users:

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 from gateway.cli import build_parser
 from gateway.config_doc import BEGIN, END, reference
-from tests.conftest import REPO, require_binary
+from tests.conftest import REPO, gateway_process, require_binary, run_command
 from tests.fake_ollama import FakeOllama
 
 README = (REPO / "README.md").read_text()
@@ -63,28 +60,15 @@ async def test_quick_start_commands_work_as_written(fake: FakeOllama, tmp_path: 
     run_line = next(b for b in shell_blocks() if "ollama-gateway serve" in b).strip()
     serve = run_line.split("&& ")[-1]
     assert serve == ".venv/bin/ollama-gateway serve --config config/gateway.yaml"
-    argv = [sys.executable, "-m", "gateway", *shlex.split(serve)[1:]]
-    env = {**os.environ, "GATEWAY_LISTEN": "127.0.0.1:0", "OLLAMA_URL": fake.url}
-    stderr = (tmp_path / "stderr").open("wb")
-    process = await asyncio.create_subprocess_exec(
-        *argv, cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE, stderr=stderr
-    )
-    try:
-        assert process.stdout is not None
-        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
-        address = line.rsplit(" ", 1)[-1].strip()
-        assert address.startswith("http://127.0.0.1:"), line
+    config = Path(shlex.split(serve)[-1])  # relative: the process runs in the repository
+    env = {"GATEWAY_LISTEN": "127.0.0.1:0", "OLLAMA_URL": fake.url}
+    async with gateway_process(config, tmp_path, env=env) as gw:
+        assert gw.url.startswith("http://127.0.0.1:"), gw.output
         first = next(b for b in shell_blocks() if b.startswith("curl -u demo"))
-        first = first.replace("http://127.0.0.1:8080", address).replace("\\\n", " ")
-        args = shlex.split(first)
-        proc = await asyncio.create_subprocess_exec(
-            curl, "-sS", *args[1:], stdout=asyncio.subprocess.PIPE
-        )
-        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        first = first.replace("http://127.0.0.1:8080", gw.url).replace("\\\n", " ")
+        code, out, err = await run_command(curl, "-sS", *shlex.split(first)[1:])
+        assert code == 0, err
         records = [json.loads(x) for x in out.splitlines()]
         assert records[-1]["done"] is True, out
         assert fake.requests_to("/api/chat")[-1].json["messages"][0]["content"] == "Hello!"
-    finally:
-        process.terminate()
-        assert await asyncio.wait_for(process.wait(), 30) == 0
-        stderr.close()
+        assert await gw.stop() == 0

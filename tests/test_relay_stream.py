@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
-from typing import Any
 
 import aiohttp
 import ollama
@@ -21,16 +19,6 @@ from tests.fake_ollama import FakeOllama
 AUTH = {"api_keys": [ADMIN_KEY_ENTRY]}
 ROLES = {"admin": {"models": ["*", "*:cloud", "*-cloud"]}, "user": {"models": ["*"]}}
 LISTINGS = ("/api/tags", "/api/ps", "/v1/models")
-
-
-async def until(condition: Callable[[], Any], within: float = 5.0) -> Any:
-    """Wait for a condition another task makes true (bounded; not a fixed sleep)."""
-    deadline = time.monotonic() + within
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        await asyncio.sleep(0.005)
-    return value
 
 
 @pytest.mark.parametrize(
@@ -121,15 +109,15 @@ async def test_pull_progress_stream_and_delete_with_body(
 
 
 async def test_openai_sdk_streams_sse_to_done(gateway: RunningGateway, fake: FakeOllama) -> None:
-    client = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
-    stream = await client.chat.completions.create(
-        model="llama3.2", messages=[{"role": "user", "content": "hi"}], stream=True
-    )
-    chunks = [c async for c in stream]
+    url = gateway.url + "/v1"
+    async with openai.AsyncOpenAI(base_url=url, api_key=ADMIN_KEY, max_retries=0) as client:
+        stream = await client.chat.completions.create(
+            model="llama3.2", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        chunks = [c async for c in stream]
     assert chunks[-1].choices[0].finish_reason == "stop"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip()
-    await client.close()
 
 
 async def test_sse_bytes_are_identical_to_direct(
@@ -159,23 +147,19 @@ async def test_first_chunk_arrives_while_upstream_still_streams(
 
 
 async def test_chunks_are_not_collected(
-    gateway_factory: GatewayFactory, admin_http: aiohttp.ClientSession
+    gateway: RunningGateway, fake: FakeOllama, admin_http: aiohttp.ClientSession
 ) -> None:
     """With a delay between chunks, the client sees the first long before the last exists."""
-    slow = await FakeOllama(chunks=5, chunk_delay=0.25).start()
-    try:
-        gw = await gateway_factory({"upstream": {"url": slow.url}, "auth": AUTH})
-        started = time.perf_counter()
-        arrivals = []
-        async with admin_http.post(
-            gw.url + "/api/chat",
-            json={"model": "llama3.2", "messages": [{"role": "user", "content": "x"}]},
-        ) as response:
-            async for _line in response.content:
-                arrivals.append(time.perf_counter() - started)
-        assert len(arrivals) == 6
-        total = arrivals[-1]
-        assert total >= 5 * 0.25 * 0.9
-        assert arrivals[0] < total / 3  # the first chunk did not wait for the rest
-    finally:
-        await slow.close()
+    fake.chunks, fake.chunk_delay = 5, 0.25
+    started = time.perf_counter()
+    arrivals = []
+    async with admin_http.post(
+        gateway.url + "/api/chat",
+        json={"model": "llama3.2", "messages": [{"role": "user", "content": "x"}]},
+    ) as response:
+        async for _line in response.content:
+            arrivals.append(time.perf_counter() - started)
+    assert len(arrivals) == 6
+    total = arrivals[-1]
+    assert total >= 5 * 0.25 * 0.9
+    assert arrivals[0] < total / 3  # the first chunk did not wait for the rest

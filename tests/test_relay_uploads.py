@@ -17,6 +17,7 @@ from tests.conftest import (
     RunningGateway,
     gateway_process,
     require_binary,
+    run_command,
 )
 from tests.fake_ollama import FakeOllama
 
@@ -72,7 +73,7 @@ async def test_curl_upload_with_expect_continue_and_content_length(
     content = b"GGUF" + bytes(range(256)) * 4096
     blob.write_bytes(content)
     digest = "sha256:" + hashlib.sha256(content).hexdigest()
-    proc = await asyncio.create_subprocess_exec(
+    code, out, err = await run_command(
         curl,
         "-sS",
         "-o",
@@ -86,10 +87,8 @@ async def test_curl_upload_with_expect_continue_and_content_length(
         "-X",
         "POST",
         f"{gateway.url}/api/blobs/{digest}",
-        stdout=asyncio.subprocess.PIPE,
     )
-    out, _ = await proc.communicate()
-    assert out == b"201"
+    assert (code, out) == (0, "201"), err
     seen = fake.requests_to(f"/api/blobs/{digest}")[-1]
     assert seen.body_size == len(content)
     assert seen.headers.get("Content-Length") == str(len(content))

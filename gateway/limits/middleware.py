@@ -31,7 +31,10 @@ async def admit_stage(request: web.Request, handler: Handler) -> web.StreamRespo
     ctx = request[CONTEXT]
     principal = ctx.principal
     if principal is not None:
-        limits = limits_for(principal, ctx.state.config)
+        config = ctx.state.config
+        limits = ctx.state.memo(
+            ("limits", principal.user, principal.roles), lambda: limits_for(principal, config)
+        )
         if not is_unlimited(limits):
             return await _admit(request, handler, ctx, principal.user, limits)
     install_accounting(request, ctx)  # tokens are counted for metrics even when unlimited

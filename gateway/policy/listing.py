@@ -55,8 +55,17 @@ def filter_listing(text: str, shape: ListingShape, allows: Allows) -> str | None
         return None
     if not isinstance(document, dict) or shape.key not in document:
         return None
-    if not (document[shape.key] is None or isinstance(document[shape.key], list)):
+    entries = document[shape.key]
+    if not (entries is None or isinstance(entries, list)):
         return None
+    # Fast path (the common case): one list, every entry allowed -> the very same text.
+    # The key counted in the raw text rules out a duplicate key json.loads would hide.
+    if (
+        entries is not None
+        and text.count(f'"{shape.key}"') == 1
+        and all(_entry_allowed(e, shape, allows) for e in entries)
+    ):
+        return text
     # Walk the top-level object again, by position, to splice the list(s) in place.
     pieces: list[str] = []
     i = _skip_ws(text, 0) + 1  # past '{'
@@ -151,8 +160,8 @@ class ListingTap:
         except (DecodeError, UnicodeDecodeError):
             return body
         filtered = filter_listing(text, self.shape, self.allows)
-        if filtered is None:
-            return body
+        if filtered is None or filtered is text:
+            return body  # not a listing, or nothing to hide: Ollama's bytes as they came
         return self._encode(filtered.encode("utf-8"))
 
     def _encode(self, data: bytes) -> bytes:

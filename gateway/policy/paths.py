@@ -60,6 +60,19 @@ def canonical_path(target: str) -> str:
     return "/" + "/".join(segments)
 
 
+def loggable_target(target: str) -> str:
+    """A refused target as it may be logged: an absolute-form's authority dropped.
+
+    `http://user:password@host/...` carries credentials in its userinfo; the access log
+    records the path of every request, refused ones included.
+    """
+    absolute = _ABSOLUTE_FORM.fullmatch(target)
+    if absolute is not None:
+        return absolute.group(1) or "/"
+    # Authority-form (`CONNECT user:pw@host:443`) and other garbage: not worth a log field.
+    return target if target.startswith("/") or target == "*" else "-"
+
+
 def _decode_segment(raw: str) -> str:
     """Strict single percent-decoding: every '%' must start a valid escape."""
     out: list[str] = []
