@@ -86,6 +86,7 @@ class UsageTap:
         "kind",
         "rewrites",
         "_mode",
+        "_lines_per_record",
         "_markers",
         "_held",
         "_held_len",
@@ -103,6 +104,7 @@ class UsageTap:
         self._held_len = 0
         self._tail = b""
         self._usage: Usage | None = None
+        self._lines_per_record = 1
 
     def begin(self, status: int, headers: CIMultiDictProxy[str]) -> None:
         if not 200 <= status < 300:
@@ -110,6 +112,7 @@ class UsageTap:
         ctype = headers.get("Content-Type", "")
         if "ndjson" in ctype or "event-stream" in ctype:
             self._mode = _LINES
+            self._lines_per_record = 2 if "event-stream" in ctype else 1
         elif self.kind in (NATIVE_EMBED, OPENAI_EMBED):
             self._mode = _TAIL  # a vector body: only its end matters
         else:
@@ -118,6 +121,9 @@ class UsageTap:
     def feed(self, chunk: bytes) -> bytes:
         mode = self._mode
         if mode == _LINES:
+            # Each streamed record is about one generated token: what a client that leaves
+            # before the final record is charged (it cannot dodge its budget that way).
+            self.ctx.streamed_tokens += chunk.count(b"\n") // self._lines_per_record
             self._scan(chunk)
         elif mode == _WHOLE:
             self._held.append(chunk)

@@ -55,6 +55,7 @@ class RequestContext:
     upstream_started: float | None = None
     first_byte_at: float | None = None
     usage: Usage | None = None
+    streamed_tokens: int = 0  # records seen on a token stream: the charge if no usage comes
     tap: ResponseTap | None = None  # sees (and may rewrite) the response bytes on the side
     # Added to the relayed (or gateway-made) response, e.g. RateLimit-* from the admit stage.
     response_headers: dict[str, str] = field(default_factory=dict)

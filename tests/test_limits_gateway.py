@@ -18,7 +18,7 @@ from gateway.limits.checks import check_limits
 from gateway.limits.resolve import limits_for
 from gateway.reload import Overrides, Reloader
 from tests.auth_support import FAST_BCRYPT, FakeClock, basic
-from tests.conftest import GatewayFactory, RunningGateway, free_port
+from tests.conftest import GatewayFactory, RunningGateway, free_port, until
 from tests.fake_ollama import FakeOllama
 from tests.metrics_support import Observed
 
@@ -338,3 +338,20 @@ async def test_a_failed_upstream_gives_the_slot_back(
     gw = await gateway_factory(cfg, clock=FakeClock())
     statuses = [(await generate(http, gw, ALICE)).status for _ in range(3)]
     assert statuses == [502, 502, 502]  # never 429: each 502 released its slot
+
+
+async def test_a_stream_cut_short_is_charged_what_it_streamed(
+    gateway_factory: GatewayFactory, fake: FakeOllama, http: aiohttp.ClientSession
+) -> None:
+    """No final record (the client left): the budget is charged per streamed record."""
+    fake.chunks = 40
+    fake.hang_after_chunks = 30  # the upstream holds the stream; the client leaves
+    gw = await start(gateway_factory, fake, {"tokens_per_minute": 25})
+    async with http.post(gw.url + "/api/generate", json=STREAM, headers=ALICE) as response:
+        for _ in range(30):
+            assert json.loads(await response.content.readline())["done"] is False
+    await fake.wait_client_gone()
+    await until(lambda: not gw.app[LIMITER].background)
+    refused = await generate(http, gw, ALICE)
+    assert refused.status == 429
+    assert refused.headers["Retry-After"]

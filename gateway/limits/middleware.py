@@ -7,7 +7,8 @@ the authenticated principal's user name; anonymous requests carry no per-princip
 from __future__ import annotations
 
 import asyncio
-import uuid
+import itertools
+import os
 from collections.abc import Coroutine
 from typing import Any
 
@@ -24,6 +25,14 @@ from gateway.limits.core import is_unlimited, rate_headers, retry_after_header
 from gateway.limits.resolve import limits_for
 
 STORE_DOWN_RETRY = "1"
+# Lease ids must be unique across replicas sharing Redis, not secret: a random
+# per-process prefix and a counter.
+_LEASE_PREFIX = os.urandom(8).hex()
+_lease_counter = itertools.count()
+
+
+def next_lease_id() -> str:
+    return f"{_LEASE_PREFIX}{next(_lease_counter):x}"
 
 
 @web.middleware
@@ -46,7 +55,7 @@ async def _admit(
 ) -> web.StreamResponse:
     limiter = request.app[LIMITER]
     # A fresh lease id per request: a client-chosen X-Request-Id could collide on purpose.
-    lease = uuid.uuid4().hex
+    lease = next_lease_id()
     try:
         # Keyed on the authenticated user: never on the raw credential (rotating junk
         # tokens would reset the quota) nor on X-Forwarded-For (anyone can forge it).
@@ -86,7 +95,8 @@ async def _admit(
         # Every way out passes here: done, upstream error, client gone (CancelledError).
         if renewal is not None:
             renewal.cancel()
-        tokens = ctx.usage.total if ctx.usage is not None else 0
+        # A stream cut short has no final record: charge what was streamed.
+        tokens = ctx.usage.total if ctx.usage is not None else ctx.streamed_tokens
         await _finish(limiter, user, lease, tokens, limits)
 
 
