@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from gateway.context import RequestContext
@@ -28,6 +27,17 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
 
+_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
+
+
+def _iso_ms(moment: float) -> str:
+    """`2026-11-25T03:04:05.678Z`; the date part is formatted once per second, not per line."""
+    whole = int(moment)
+    if whole != _second[0]:
+        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{_second[1]}.{int((moment - whole) * 1000):03d}Z"
+
+
 def access_fields(ctx: RequestContext, end: float, wall_end: float) -> dict[str, Any]:
     """The fields of one access line; `end` is perf_counter time, `wall_end` time.time()."""
     duration = end - ctx.started
@@ -35,9 +45,7 @@ def access_fields(ctx: RequestContext, end: float, wall_end: float) -> dict[str,
     usage = ctx.usage
     first_byte = ctx.first_byte_at
     return {
-        "time": datetime.fromtimestamp(wall_end - duration, UTC)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z"),
+        "time": _iso_ms(wall_end - duration),
         "request_id": ctx.request_id,
         "client": ctx.client_ip,
         "user": principal.user if principal else None,

@@ -174,31 +174,42 @@ async def relay(
         data = request.content  # streamed: a 10 GB blob upload passes with flat memory
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
-    first_byte_budget = upstream.first_byte_timeout or upstream.read_timeout
     ctx.upstream_started = time.perf_counter()
     ctx.gateway_seconds = ctx.upstream_started - ctx.started
+    # One watchdog per request: the first byte has its own budget (cold model loads).
+    watchdog = ReadWatchdog(upstream.first_byte_timeout or upstream.read_timeout)
+    watchdog.arm()
     try:
-        async with asyncio.timeout(first_byte_budget) as deadline:
-            upstream_response = await session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=data,
-                timeout=client_timeout(upstream),
-                allow_redirects=False,
-                auto_decompress=False,
-            )
-            deadline.reschedule(None)
+        upstream_response = await session.request(
+            request.method,
+            url,
+            headers=headers,
+            data=data,
+            timeout=client_timeout(upstream),
+            allow_redirects=False,
+            auto_decompress=False,
+        )
+        watchdog.reading = False
         ctx.first_byte_at = time.perf_counter()
-    except TimeoutError:
+    except asyncio.CancelledError:
+        watchdog.stop()
+        if not watchdog.fired():
+            raise  # the client went away: aiohttp cancelled the handler
+        raise GatewayTimeout("upstream timed out", reason="timeout") from None
+    except TimeoutError:  # aiohttp's connect timeout
+        watchdog.stop()
         raise GatewayTimeout("upstream timed out", reason="timeout") from None
     except aiohttp.ClientConnectorError:
+        watchdog.stop()
         raise BadGateway("upstream unreachable", reason="refused") from None
     except (aiohttp.ClientError, OSError):
+        watchdog.stop()
         raise BadGateway("upstream closed the connection", reason="reset") from None
+    watchdog.set_timeout(upstream.read_timeout)  # later bytes: no byte for this long
     try:
-        return await _stream_back(request, ctx, upstream_response, upstream.read_timeout)
+        return await _stream_back(request, ctx, upstream_response, watchdog)
     finally:
+        watchdog.stop()
         # On every path out (done, client gone, error) the upstream connection is released;
         # when the body was not read to the end it is closed, so Ollama stops generating.
         upstream_response.release()
@@ -212,7 +223,7 @@ async def _stream_back(
     request: web.Request,
     ctx: RequestContext,
     upstream_response: aiohttp.ClientResponse,
-    read_timeout: float,
+    watchdog: ReadWatchdog,
 ) -> web.StreamResponse:
     tap = ctx.tap
     if tap is not None:
@@ -230,7 +241,6 @@ async def _stream_back(
     ctx.status = upstream_response.status
     content = upstream_response.content
     prepared = False
-    watchdog = ReadWatchdog(read_timeout)
     try:
         while True:
             watchdog.arm()
@@ -256,8 +266,6 @@ async def _stream_back(
         return _fail_midway(request, ctx, response, prepared, "timeout", GatewayTimeout)
     except (aiohttp.ClientError, OSError):
         return _fail_midway(request, ctx, response, prepared, "reset", BadGateway)
-    finally:
-        watchdog.stop()
     tail = tap.end() if tap is not None else b""
     if not prepared:
         if rewrites and request.method != "HEAD":
@@ -277,12 +285,12 @@ class ReadWatchdog:
     waiting that long (time spent writing to a slow client does not count).
     """
 
-    __slots__ = ("reading", "_since", "_timeout", "_task", "_loop", "_handle", "_fired")
+    __slots__ = ("reading", "timeout", "_since", "_task", "_loop", "_handle", "_fired")
 
     def __init__(self, timeout: float) -> None:
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
-        self._timeout = timeout
+        self.timeout = timeout
         self._fired = False
         self._since = self._loop.time()
         self.reading = False
@@ -294,14 +302,19 @@ class ReadWatchdog:
         self.reading = True
 
     def _check(self) -> None:
-        due = self._since + self._timeout
+        due = self._since + self.timeout
         if self.reading and self._loop.time() >= due and self._task is not None:
             self._fired = True
             self._task.cancel()
             return
         self._handle = self._loop.call_at(
-            due if self.reading else self._loop.time() + self._timeout, self._check
+            due if self.reading else self._loop.time() + self.timeout, self._check
         )
+
+    def set_timeout(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._handle.cancel()
+        self._handle = self._loop.call_at(self._loop.time() + timeout, self._check)
 
     def fired(self) -> bool:
         """True when the cancellation was ours; then it is taken back (uncancel)."""

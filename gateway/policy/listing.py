@@ -24,6 +24,9 @@ from gateway.policy.decode import (
 )
 
 MAX_LISTING_BYTES = 32 * 1024 * 1024
+RESULT_CACHE_SIZE = 64
+RESULT_CACHE_MAX_BODY = 64 * 1024  # bounds the cache to 2 x 4 MiB at worst
+_RESULTS: dict[tuple[bytes, tuple[str, ...], ListingShape, Allows], bytes] = {}
 _WS = " \t\r\n"
 _decoder = json.JSONDecoder()
 
@@ -152,6 +155,20 @@ class ListingTap:
         if self._overflow:
             return self._encode(json.dumps({self.shape.key: []}).encode())
         body = b"".join(self._chunks)
+        # The same listing is asked for again and again (clients poll /api/tags): remember
+        # the answer per (Ollama's bytes, caller's allow-list), bounded.
+        if len(body) > RESULT_CACHE_MAX_BODY:
+            return self._filter(body)
+        key = (body, tuple(self._codings), self.shape, self.allows)
+        cached = _RESULTS.get(key)
+        if cached is None:
+            cached = self._filter(body)
+            if len(_RESULTS) >= RESULT_CACHE_SIZE:
+                _RESULTS.clear()
+            _RESULTS[key] = cached
+        return cached
+
+    def _filter(self, body: bytes) -> bytes:
         try:
             text = decode_body(body, self._codings, self.limit).decode("utf-8")
         except (UnsupportedEncoding, DecodedTooLarge):
