@@ -16,15 +16,19 @@ import argparse
 import asyncio
 import shutil
 import statistics
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
+from pathlib import Path
 
 from gateway.auth.principal import Principal
 from gateway.config import GatewayConfig, LimitsConfig, RoleConfig
 from gateway.limits import Limiter
 from gateway.limits.memory import MemoryLimiter
 from gateway.limits.resolve import limits_for
+
+REPO = str(Path(__file__).resolve().parent.parent)
 
 SCENARIOS: dict[str, LimitsConfig] = {
     "rate only": LimitsConfig(requests_per_minute=1e9, burst=10**9),
@@ -119,6 +123,7 @@ async def _with_redis(ops: int, url: str | None) -> None:
             print("(redis-server not installed: memory store only)\n")
         await bench(ops, url)
         return
+    sys.path.insert(0, REPO)  # run as a script: make `tests` importable
     from tests.redis_server import RedisServer
 
     server = await asyncio.to_thread(RedisServer(shutil.which("redis-server") or "").start)

@@ -183,6 +183,8 @@ def run(
     pidfile: Path | None = None,
 ) -> int:
     main = serve(config, config_path, overrides=overrides, pidfile=pidfile)
+    if os.environ.get("OLLAMA_GATEWAY_LOOP", "uvloop") == "asyncio":
+        return asyncio.run(main)  # fairer than uvloop under overload (README, "Speed")
     try:
         import uvloop  # optional extra: faster event loop
     except ImportError:

@@ -133,3 +133,14 @@ async def test_reload_command_with_pidfile(tmp_path: Path, fake: FakeOllama) -> 
     code, _out, err = await run_cli("reload", "--pidfile", str(pidfile))
     assert code == 1
     assert "cannot read a pid" in err
+
+
+@pytest.mark.parametrize(("choice", "expected"), [("asyncio", False), ("uvloop", True)])
+async def test_event_loop_choice(
+    fake: FakeOllama, tmp_path: Path, choice: str, expected: bool
+) -> None:
+    """uvloop by default when installed; OLLAMA_GATEWAY_LOOP=asyncio opts out (README)."""
+    config = {"upstream": {"url": fake.url}, "listen": "127.0.0.1:0"}
+    async with gateway_process(config, tmp_path, env={"OLLAMA_GATEWAY_LOOP": choice}) as gw:
+        maps = Path(f"/proc/{gw.process.pid}/maps").read_text()
+    assert ("uvloop" in maps) is expected

@@ -12,6 +12,8 @@ import logging
 import warnings
 from typing import Final
 
+__all__ = ["CryptContext", "passlib_hash"]  # re-exported: import passlib through here
+
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "'crypt' is deprecated", DeprecationWarning)
     warnings.filterwarnings("ignore", r"Accessing argon2\.__version__", DeprecationWarning)
