@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 from pathlib import Path
@@ -142,5 +143,5 @@ async def test_event_loop_choice(
     """uvloop by default when installed; OLLAMA_GATEWAY_LOOP=asyncio opts out (README)."""
     config = {"upstream": {"url": fake.url}, "listen": "127.0.0.1:0"}
     async with gateway_process(config, tmp_path, env={"OLLAMA_GATEWAY_LOOP": choice}) as gw:
-        maps = Path(f"/proc/{gw.process.pid}/maps").read_text()
+        maps = await asyncio.to_thread(Path(f"/proc/{gw.process.pid}/maps").read_text)
     assert ("uvloop" in maps) is expected
