@@ -33,13 +33,12 @@ from jwt.algorithms import RSAAlgorithm
 
 from gateway.cli import main as cli_main
 from gateway.config_load import ConfigError, parse_config
-from gateway.context import RequestContext
-from gateway.keys import OBSERVERS
 from gateway.metrics_http import start_metrics_listener
 from gateway.server import reload_config
 from tests.auth_support import authenticator
 from tests.conftest import GatewayFactory, RunningGateway
 from tests.fake_ollama import FakeOllama
+from tests.metrics_support import Observed
 from tests.policy_support import ALICE_KEY, ROOT_KEY, basic, policy_config, request_bytes
 
 ALICE, BOB, CAROL = basic("alice"), basic("bob"), basic("carol")  # bob: qwen* only
@@ -84,26 +83,6 @@ async def send(
 ) -> tuple[int, str, bytes]:
     async with http.request(method, url, **kw) as response:
         return response.status, response.headers.get("Content-Type", ""), await response.read()
-
-
-class Contexts:
-    """Every finished request's context, through the app's observer list."""
-
-    def __init__(self, gw: RunningGateway) -> None:
-        self.seen: list[RequestContext] = []
-        self._more = asyncio.Event()
-        gw.app[OBSERVERS].append(self._observe)
-
-    def _observe(self, ctx: RequestContext) -> None:
-        self.seen.append(ctx)
-        self._more.set()
-
-    async def wait(self, count: int) -> list[RequestContext]:
-        async with asyncio.timeout(5):
-            while len(self.seen) < count:
-                self._more.clear()
-                await self._more.wait()
-        return self.seen
 
 
 # --- paths, methods, framing -------------------------------------------------------------
@@ -782,7 +761,7 @@ async def test_token_budget_cannot_be_dodged_by_key_case_or_encoding(
         "admin": {"models": ["*"]},
     }
     gw = await gateway_factory(config)
-    contexts = Contexts(gw)
+    contexts = Observed(gw.app)
     chat = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], **body}
     status, _, _ = await send(
         http,
@@ -858,7 +837,7 @@ async def test_refused_targets_never_log_userinfo(
     locked: RunningGateway, fake: FakeOllama, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    contexts = Contexts(locked)
+    contexts = Observed(locked.app)
     for line in (
         b"GET http://alice:UserinfoPw@evil/api/tags/..",
         b"POST https://alice:UserinfoPw@evil/api/%zz",
