@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +14,17 @@ from gateway.access_log import AccessLog
 from gateway.auth.middleware import authenticate_stage, close_authenticator
 from gateway.config import GatewayConfig
 from gateway.errors import Forbidden
-from gateway.keys import CONTEXT, HTTP_SESSION, LIMITER, METRICS, OBSERVERS, STATE
+from gateway.health import healthz, readyz
+from gateway.health_state import UpstreamUp
+from gateway.keys import (
+    CONTEXT,
+    HTTP_SESSION,
+    LIMITER,
+    METRICS,
+    OBSERVERS,
+    STATE,
+    UPSTREAM_UP,
+)
 from gateway.limits import build_limiter
 from gateway.limits.middleware import admit_stage
 from gateway.logging_setup import server_log
@@ -26,8 +35,6 @@ from gateway.policy.cors import add_cors_headers
 from gateway.policy.middleware import authorise_stage, canonical_path_stage, cors_stage
 from gateway.relay import relay, upstream_headers
 from gateway.state import GatewayState, StateHolder
-
-READY_PROBE_TIMEOUT = 5.0
 
 
 def build_pipeline() -> list[Middleware]:
@@ -55,45 +62,6 @@ async def relay_handler(request: web.Request) -> web.StreamResponse:
         request.headers, ctx, forwarded_proto=ctx.forwarded_proto, forwarded_for=ctx.forwarded_for
     )
     return await relay(request, ctx, request.app[HTTP_SESSION], ctx.state.config.upstream, headers)
-
-
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-async def readyz(request: web.Request) -> web.Response:
-    """Ready when Ollama answers `GET /api/version` (cheap; never a generation)."""
-    upstream = request[CONTEXT].state.config.upstream
-    url = upstream.url.rstrip("/") + "/api/version"
-    try:
-        async with asyncio.timeout(min(READY_PROBE_TIMEOUT, upstream.read_timeout)):
-            async with request.app[HTTP_SESSION].get(url) as response:
-                ok = response.status == 200
-                await response.read()
-    except (aiohttp.ClientError, OSError, TimeoutError):
-        ok = False
-    request.app[UPSTREAM_UP].set(ok)
-    if ok:
-        return web.json_response({"status": "ready"})
-    return web.json_response({"error": "upstream unavailable"}, status=503)
-
-
-class UpstreamUp:
-    """Last /readyz probe result, read by metrics."""
-
-    __slots__ = ("value", "listeners")
-
-    def __init__(self) -> None:
-        self.value: bool | None = None
-        self.listeners: list[Any] = []
-
-    def set(self, ok: bool) -> None:
-        self.value = ok
-        for listener in self.listeners:
-            listener(ok)
-
-
-UPSTREAM_UP = web.AppKey("upstream_up", UpstreamUp)
 
 
 async def _http_session(app: web.Application) -> AsyncIterator[None]:

@@ -8,6 +8,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway.context import RequestContext
+from gateway.health_state import UpstreamUp
 from gateway.limits import Limiter
 from gateway.metrics import GatewayMetrics
 from gateway.state import StateHolder
@@ -19,3 +20,4 @@ OBSERVERS = web.AppKey("observers", list[Callable[[RequestContext], None]])  # m
 METRICS = web.AppKey("metrics", GatewayMetrics)  # this app's series and registry
 # Limit counters; outlive config reloads. (A Protocol: typed by annotation, not argument.)
 LIMITER: web.AppKey[Limiter] = web.AppKey("limiter")
+UPSTREAM_UP = web.AppKey("upstream_up", UpstreamUp)  # last /readyz result, for metrics
