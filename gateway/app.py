@@ -23,6 +23,7 @@ from gateway.keys import (
     METRICS,
     OBSERVERS,
     STATE,
+    UPSTREAM_POOL,
     UPSTREAM_UP,
 )
 from gateway.limits import build_limiter
@@ -35,6 +36,7 @@ from gateway.policy.cors import add_cors_headers
 from gateway.policy.middleware import authorise_stage, canonical_path_stage, cors_stage
 from gateway.relay import relay, upstream_headers
 from gateway.state import GatewayState, StateHolder
+from gateway.upstream_client import UpstreamPool
 
 
 def build_pipeline() -> list[Middleware]:
@@ -61,7 +63,7 @@ async def relay_handler(request: web.Request) -> web.StreamResponse:
     headers = upstream_headers(
         request.headers, ctx, forwarded_proto=ctx.forwarded_proto, forwarded_for=ctx.forwarded_for
     )
-    return await relay(request, ctx, request.app[HTTP_SESSION], ctx.state.config.upstream, headers)
+    return await relay(request, ctx, request.app[UPSTREAM_POOL], ctx.state.config.upstream, headers)
 
 
 async def _http_session(app: web.Application) -> AsyncIterator[None]:
@@ -78,7 +80,11 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
         cookie_jar=aiohttp.DummyCookieJar(),  # never store upstream cookies across users
     ) as session:
         app[HTTP_SESSION] = session
-        yield
+        app[UPSTREAM_POOL] = pool = UpstreamPool()
+        try:
+            yield
+        finally:
+            pool.close()
 
 
 async def _limiter(app: web.Application) -> AsyncIterator[None]:

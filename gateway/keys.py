@@ -12,9 +12,11 @@ from gateway.health_state import UpstreamUp
 from gateway.limits import Limiter
 from gateway.metrics import GatewayMetrics
 from gateway.state import StateHolder
+from gateway.upstream_client import UpstreamPool
 
 STATE = web.AppKey("state", StateHolder)  # the current GatewayState, swapped on reload
-HTTP_SESSION = web.AppKey("http_session", aiohttp.ClientSession)  # pooled upstream session
+HTTP_SESSION = web.AppKey("http_session", aiohttp.ClientSession)  # probes (/readyz)
+UPSTREAM_POOL = web.AppKey("upstream_pool", UpstreamPool)  # the relay's keep-alive connections
 CONTEXT = web.RequestKey("context", RequestContext)
 OBSERVERS = web.AppKey("observers", list[Callable[[RequestContext], None]])  # metrics, access log
 METRICS = web.AppKey("metrics", GatewayMetrics)  # this app's series and registry

@@ -14,14 +14,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-import aiohttp
-from aiohttp import web
+from aiohttp import StreamReader, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway.config import UpstreamConfig
 from gateway.context import RequestContext
 from gateway.errors import BadGateway, GatewayTimeout
+from gateway.upstream_client import UpstreamError, UpstreamPool, UpstreamResponse
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus what must never reach Ollama:
 # credentials (they would leak to ollama.com through cloud passthrough), Origin (Ollama
@@ -147,47 +147,41 @@ def response_headers(upstream: CIMultiDictProxy[str], *, keep_length: bool) -> C
     return headers
 
 
-@functools.lru_cache(maxsize=16)  # one object per upstream config, not one per request
-def client_timeout(upstream: UpstreamConfig) -> aiohttp.ClientTimeout:
-    # No total timeout: generations run for many minutes. Read deadlines are ours (below),
-    # because the first byte and later bytes have different budgets.
-    return aiohttp.ClientTimeout(
-        total=None, connect=upstream.connect_timeout, sock_connect=upstream.connect_timeout
-    )
+@functools.lru_cache(maxsize=16)  # parsed once per upstream URL, not once per request
+def _upstream_base(url: str) -> tuple[URL, str]:
+    base = URL(url)
+    return base, base.raw_path.rstrip("/")  # a path prefix (Ollama behind a sub-path) is kept
 
 
 async def relay(
     request: web.Request,
     ctx: RequestContext,
-    session: aiohttp.ClientSession,
+    pool: UpstreamPool,
     upstream: UpstreamConfig,
     headers: CIMultiDict[str],
 ) -> web.StreamResponse:
     """Forward one request and stream the answer back; raise GatewayError before headers."""
-    url = URL(
-        upstream.url.rstrip("/") + ctx.path + (f"?{ctx.query}" if ctx.query else ""), encoded=True
-    )
-    data: object = None
+    base, prefix = _upstream_base(upstream.url)
+    target = prefix + ctx.path + (f"?{ctx.query}" if ctx.query else "")
+    data: bytes | StreamReader | None = None
     if ctx.body is not None:
         data = ctx.body
     elif request.body_exists:
         data = request.content  # streamed: a 10 GB blob upload passes with flat memory
-        if request.content_length is not None:
-            headers["Content-Length"] = str(request.content_length)
     ctx.upstream_started = time.perf_counter()
     ctx.gateway_seconds = ctx.upstream_started - ctx.started
     # One watchdog per request: the first byte has its own budget (cold model loads).
     watchdog = ReadWatchdog(upstream.first_byte_timeout or upstream.read_timeout)
     watchdog.arm()
     try:
-        upstream_response = await session.request(
+        upstream_response = await pool.request(
             request.method,
-            url,
-            headers=headers,
-            data=data,
-            timeout=client_timeout(upstream),
-            allow_redirects=False,
-            auto_decompress=False,
+            base,
+            target,
+            headers.items(),
+            data,
+            request.content_length,
+            upstream.connect_timeout,
         )
         watchdog.reading = False
         ctx.first_byte_at = time.perf_counter()
@@ -196,14 +190,13 @@ async def relay(
         if not watchdog.fired():
             raise  # the client went away: aiohttp cancelled the handler
         raise GatewayTimeout("upstream timed out", reason="timeout") from None
-    except TimeoutError:  # aiohttp's connect timeout
+    except TimeoutError:  # the connect timeout
         watchdog.stop()
         raise GatewayTimeout("upstream timed out", reason="timeout") from None
-    except aiohttp.ClientConnectorError:
+    except UpstreamError as exc:
         watchdog.stop()
-        raise BadGateway("upstream unreachable", reason="refused") from None
-    except (aiohttp.ClientError, OSError):
-        watchdog.stop()
+        if exc.refused:
+            raise BadGateway("upstream unreachable", reason="refused") from None
         raise BadGateway("upstream closed the connection", reason="reset") from None
     watchdog.set_timeout(upstream.read_timeout)  # later bytes: no byte for this long
     try:
@@ -213,8 +206,6 @@ async def relay(
         # On every path out (done, client gone, error) the upstream connection is released;
         # when the body was not read to the end it is closed, so Ollama stops generating.
         upstream_response.release()
-        if not upstream_response.content.is_eof():
-            upstream_response.close()
         if data is request.content:
             ctx.bytes_in = request.content.total_bytes
 
@@ -222,7 +213,7 @@ async def relay(
 async def _stream_back(
     request: web.Request,
     ctx: RequestContext,
-    upstream_response: aiohttp.ClientResponse,
+    upstream_response: UpstreamResponse,
     watchdog: ReadWatchdog,
 ) -> web.StreamResponse:
     tap = ctx.tap
@@ -239,12 +230,11 @@ async def _stream_back(
         response.headers.update(ctx.response_headers)
     response.headers.add("Server-Timing", f"gateway;dur={ctx.gateway_seconds * 1000:.2f}")
     ctx.status = upstream_response.status
-    content = upstream_response.content
     prepared = False
     try:
         while True:
             watchdog.arm()
-            chunk = await content.readany()
+            chunk = await upstream_response.read_chunk()
             watchdog.reading = False
             if not chunk:
                 break
@@ -264,7 +254,7 @@ async def _stream_back(
         if not watchdog.fired():
             raise  # the client went away (handler cancellation): not ours to handle
         return _fail_midway(request, ctx, response, prepared, "timeout", GatewayTimeout)
-    except (aiohttp.ClientError, OSError):
+    except (UpstreamError, OSError):
         return _fail_midway(request, ctx, response, prepared, "reset", BadGateway)
     tail = tap.end() if tap is not None else b""
     if not prepared:

@@ -1,0 +1,488 @@
+"""A lean HTTP/1.1 client for the relay's hot path: Ollama on keep-alive connections.
+
+aiohttp's ClientSession is general (cookies, redirects, tracing, proxies, auto headers);
+the relay needs none of it and paid for all of it on every request. This client writes the
+request head itself, parses the response framing (Content-Length, chunked, until close) as
+bytes arrive, and hands body pieces to one reader with flow control: when the reader lags,
+the upstream socket stops being read, so memory stays flat however fast Ollama writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from aiohttp import StreamReader
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+MAX_HEAD = 64 * 1024  # Ollama's response heads are a few hundred bytes
+HIGH_WATER = 256 * 1024  # unread body bytes before the upstream socket is paused
+IDLE_PER_HOST = 256
+NO_BODY_STATUSES = frozenset({204, 304})
+
+
+class UpstreamError(Exception):
+    """The upstream connection failed; `refused` when it never opened."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    host: str
+    port: int
+    tls: bool
+
+    @classmethod
+    def of(cls, url: URL) -> Origin:
+        return cls(
+            url.host or "127.0.0.1",
+            url.port or (443 if url.scheme == "https" else 80),
+            url.scheme == "https",
+        )
+
+    @property
+    def authority(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE, _DONE = range(8)
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One keep-alive connection; one exchange at a time."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.reusable = False
+        self._state = _DONE
+        self._buf = bytearray()
+        self._remaining = 0
+        self._head: asyncio.Future[tuple[int, str, CIMultiDictProxy[str]]] | None = None
+        self._pieces: collections.deque[bytes] = collections.deque()
+        self._queued = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+        self._paused = False
+        self._write_ready: asyncio.Future[None] | None = None
+        self._head_request = False
+        self._keep_alive = True
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio subclass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.reusable = False
+        if self._state == _UNTIL_CLOSE:
+            self._state = _DONE
+            self._wake()
+            return
+        if self._state != _DONE or (self._head is not None and not self._head.done()):
+            self._fail(UpstreamError("upstream closed the connection"))
+        if self._write_ready is not None and not self._write_ready.done():
+            self._write_ready.set_result(None)  # the sender sees the closed transport
+
+    def pause_writing(self) -> None:
+        if self._write_ready is None or self._write_ready.done():
+            self._write_ready = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._write_ready is not None and not self._write_ready.done():
+            self._write_ready.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._feed(data)
+        except UpstreamError as exc:
+            self._fail(exc)
+            if self.transport is not None:
+                self.transport.close()
+
+    def eof_received(self) -> bool:
+        return False  # close the transport; connection_lost finishes the exchange
+
+    # -- exchange ------------------------------------------------------------------------
+
+    def start(self, head_request: bool) -> asyncio.Future[tuple[int, str, CIMultiDictProxy[str]]]:
+        self._state = _HEAD
+        self._buf.clear()
+        self._pieces.clear()
+        self._queued = 0
+        self._error = None
+        self._head_request = head_request
+        self._keep_alive = True
+        self.reusable = False
+        self._head = asyncio.get_running_loop().create_future()
+        return self._head
+
+    async def drain(self) -> None:
+        if self._write_ready is not None and not self._write_ready.done():
+            await self._write_ready
+
+    async def read_chunk(self) -> bytes:
+        """The body bytes available now (waiting for some); b"" once the body has ended."""
+        while not self._pieces:
+            if self._error is not None:
+                raise self._error
+            if self._state == _DONE:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = self._pieces.popleft() if len(self._pieces) == 1 else b"".join(self._pieces)
+        self._pieces.clear()
+        self._queued = 0
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+    @property
+    def finished(self) -> bool:
+        return self._state == _DONE and self._error is None
+
+    def _fail(self, exc: BaseException) -> None:
+        self._error = exc
+        self.reusable = False
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(exc)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _deliver(self, piece: bytes) -> None:
+        if not piece:
+            return
+        self._pieces.append(piece)
+        self._queued += len(piece)
+        if self._queued > HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True  # the reader lags: stop reading Ollama until it catches up
+            self.transport.pause_reading()
+        self._wake()
+
+    def _end_body(self) -> None:
+        self._state = _DONE
+        self.reusable = self._keep_alive and not self._buf
+        self._wake()
+
+    def _feed(self, data: bytes) -> None:
+        state = self._state
+        if state == _LENGTH and not self._buf and len(data) <= self._remaining:
+            self._remaining -= len(data)  # the common case: no copy at all
+            self._deliver(data)
+            if self._remaining == 0:
+                self._end_body()
+            return
+        if state == _UNTIL_CLOSE:
+            self._deliver(data)
+            return
+        if state == _DONE:
+            if data:
+                self.reusable = False  # bytes nobody asked for: never reuse this connection
+            return
+        self._buf += data
+        self._parse()
+
+    def _parse(self) -> None:
+        buf = self._buf
+        while True:
+            state = self._state
+            if state == _HEAD:
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(buf) > MAX_HEAD:
+                        raise UpstreamError("upstream response head too large")
+                    return
+                head = bytes(buf[:end])
+                del buf[: end + 4]
+                if self._on_head(head):
+                    continue
+                return
+            if state == _LENGTH:
+                take = min(self._remaining, len(buf))
+                piece = bytes(buf[:take])
+                del buf[:take]
+                self._remaining -= take
+                self._deliver(piece)
+                if self._remaining == 0:
+                    self._end_body()
+                return
+            if state == _CHUNK_SIZE:
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    if len(buf) > 1024:
+                        raise UpstreamError("bad chunk size line from upstream")
+                    return
+                line = bytes(buf[:end]).split(b";", 1)[0].strip()
+                del buf[: end + 2]
+                try:
+                    size = int(line, 16)
+                except ValueError:
+                    raise UpstreamError("bad chunk size from upstream") from None
+                if size == 0:
+                    self._state = _TRAILERS
+                else:
+                    self._remaining, self._state = size, _CHUNK_DATA
+                continue
+            if state == _CHUNK_DATA:
+                if not buf:
+                    return
+                take = min(self._remaining, len(buf))
+                self._deliver(bytes(buf[:take]))
+                del buf[:take]
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._state = _CHUNK_CRLF
+                continue
+            if state == _CHUNK_CRLF:
+                if len(buf) < 2:
+                    return
+                if buf[:2] != b"\r\n":
+                    raise UpstreamError("bad chunk framing from upstream")
+                del buf[:2]
+                self._state = _CHUNK_SIZE
+                continue
+            if state == _TRAILERS:
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    return
+                del buf[: end + 2]
+                if end == 0:  # the empty line after the last chunk (and any trailers)
+                    self._end_body()
+                    return
+                continue
+            if state == _UNTIL_CLOSE:  # body bytes that came with the head
+                self._deliver(bytes(buf))
+                buf.clear()
+            return
+
+    def _on_head(self, head: bytes) -> bool:
+        """Parse the status line and headers; True when body bytes may follow."""
+        lines = head.split(b"\r\n")
+        parts = lines[0].decode("latin-1").split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
+            raise UpstreamError("malformed upstream status line")
+        try:
+            status = int(parts[1])
+        except ValueError:
+            raise UpstreamError("malformed upstream status") from None
+        if 100 <= status < 200:
+            return True  # an interim response (100 Continue): the real head follows
+        headers: CIMultiDict[str] = CIMultiDict()
+        for line in lines[1:]:
+            name, sep, value = line.decode("latin-1").partition(":")
+            if not sep or not name or name != name.strip():
+                raise UpstreamError("malformed upstream header")
+            headers.add(name, value.strip())
+        connection = headers.get("Connection", "").lower()
+        self._keep_alive = parts[0] == "HTTP/1.1" and "close" not in connection
+        reason = parts[2] if len(parts) > 2 else ""
+        assert self._head is not None
+        if not self._head.done():
+            self._head.set_result((status, reason, CIMultiDictProxy(headers)))
+        if self._head_request or status in NO_BODY_STATUSES:
+            self._end_body()
+            return False
+        if "chunked" in headers.get("Transfer-Encoding", "").lower():
+            self._state = _CHUNK_SIZE
+        elif "Content-Length" in headers:
+            try:
+                self._remaining = int(headers["Content-Length"])
+            except ValueError:
+                raise UpstreamError("bad upstream Content-Length") from None
+            if self._remaining == 0:
+                self._end_body()
+                return False
+            self._state = _LENGTH
+        else:
+            self._state = _UNTIL_CLOSE
+            self._keep_alive = False
+        return True
+
+
+class UpstreamResponse:
+    """Status and headers of an answer; its body is read piece by piece."""
+
+    __slots__ = ("status", "reason", "headers", "_conn", "_pool", "_origin", "_sender")
+
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        headers: CIMultiDictProxy[str],
+        conn: UpstreamConnection,
+        pool: UpstreamPool,
+        origin: Origin,
+        sender: asyncio.Task[None] | None,
+    ) -> None:
+        self.status, self.reason, self.headers = status, reason, headers
+        self._conn, self._pool, self._origin, self._sender = conn, pool, origin, sender
+
+    async def read_chunk(self) -> bytes:
+        return await self._conn.read_chunk()
+
+    def release(self) -> None:
+        """Back to the pool if the exchange finished cleanly; else the connection is closed."""
+        sender_done = self._sender is None or self._sender.done()
+        if self._conn.finished and self._conn.reusable and sender_done:
+            self._pool.put(self._origin, self._conn)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        if self._sender is not None and not self._sender.done():
+            self._sender.cancel()
+        self._conn.reusable = False
+        if self._conn.transport is not None:
+            self._conn.transport.close()  # Ollama sees the disconnect and stops generating
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per origin, bounded."""
+
+    def __init__(self, tls_context: ssl.SSLContext | None = None) -> None:
+        self._idle: dict[Origin, list[UpstreamConnection]] = {}
+        self._tls = tls_context
+
+    def put(self, origin: Origin, conn: UpstreamConnection) -> None:
+        idle = self._idle.setdefault(origin, [])
+        if len(idle) < IDLE_PER_HOST:
+            idle.append(conn)
+        elif conn.transport is not None:
+            conn.transport.close()
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for conn in idle:
+                if conn.transport is not None:
+                    conn.transport.close()
+        self._idle.clear()
+
+    async def _connect(self, origin: Origin, within: float) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        tls: ssl.SSLContext | None = None
+        if origin.tls:
+            tls = self._tls or ssl.create_default_context()
+        try:
+            async with asyncio.timeout(within):
+                _, conn = await loop.create_connection(
+                    UpstreamConnection,
+                    origin.host,
+                    origin.port,
+                    ssl=tls,
+                    server_hostname=origin.host if tls else None,
+                )
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            raise UpstreamError(
+                f"upstream unreachable: {exc.strerror or exc}", refused=True
+            ) from None
+        return conn
+
+    def _take_idle(self, origin: Origin) -> UpstreamConnection | None:
+        idle = self._idle.get(origin)
+        while idle:
+            conn = idle.pop()
+            if conn.transport is not None and not conn.transport.is_closing():
+                return conn
+        return None
+
+    async def request(
+        self,
+        method: str,
+        url: URL,
+        target: str,
+        headers: Iterable[tuple[str, str]],
+        body: bytes | StreamReader | None,
+        content_length: int | None,
+        connect_timeout: float,
+    ) -> UpstreamResponse:
+        origin = Origin.of(url)
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {origin.authority}"]
+        lines += [f"{name}: {value}" for name, value in headers]
+        if isinstance(body, bytes):
+            lines.append(f"Content-Length: {len(body)}")
+        elif body is not None:
+            lines.append(
+                f"Content-Length: {content_length}"
+                if content_length is not None
+                else "Transfer-Encoding: chunked"
+            )
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        replayable = not isinstance(body, StreamReader)
+        for attempt in range(2):
+            conn = self._take_idle(origin)
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect(origin, connect_timeout)
+            try:
+                return await self._exchange(conn, origin, method, head, body, content_length)
+            except UpstreamError:
+                # A pooled connection the upstream had just closed: try once on a fresh
+                # one when nothing of the answer arrived and the body can be sent again.
+                if not (reused and replayable and attempt == 0):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _exchange(
+        self,
+        conn: UpstreamConnection,
+        origin: Origin,
+        method: str,
+        head: bytes,
+        body: bytes | StreamReader | None,
+        content_length: int | None,
+    ) -> UpstreamResponse:
+        transport = conn.transport
+        assert transport is not None
+        answer = conn.start(head_request=method == "HEAD")
+        sender: asyncio.Task[None] | None = None
+        if isinstance(body, bytes):
+            transport.write(head + body if len(body) < 65536 else head)
+            if len(body) >= 65536:
+                transport.write(body)
+        else:
+            transport.write(head)
+            if body is not None:
+                sender = asyncio.create_task(_send_body(conn, body, chunked=content_length is None))
+        try:
+            status, reason, headers = await answer
+        except BaseException:
+            if sender is not None:
+                sender.cancel()
+            transport.close()
+            raise
+        return UpstreamResponse(status, reason, headers, conn, self, origin, sender)
+
+
+async def _send_body(conn: UpstreamConnection, body: StreamReader, *, chunked: bool) -> None:
+    """Stream a request body (a blob upload) with backpressure; stop if Ollama answered."""
+    transport = conn.transport
+    assert transport is not None
+    try:
+        async for piece in body.iter_any():
+            if transport.is_closing():
+                return  # Ollama answered early (the blob exists) and hung up
+            if chunked:
+                transport.writelines((f"{len(piece):x}\r\n".encode(), piece, b"\r\n"))
+            else:
+                transport.write(piece)
+            await conn.drain()
+        if chunked and not transport.is_closing():
+            transport.write(b"0\r\n\r\n")
+    except (UpstreamError, ConnectionError):
+        return  # the answer side reports the failure
