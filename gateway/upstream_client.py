@@ -22,6 +22,7 @@ from yarl import URL
 MAX_HEAD = 64 * 1024  # Ollama's response heads are a few hundred bytes
 HIGH_WATER = 256 * 1024  # unread body bytes before the upstream socket is paused
 IDLE_PER_HOST = 256
+IDLE_SECONDS = 30.0  # drop idle connections before a server-side idle timeout races a request
 NO_BODY_STATUSES = frozenset({204, 304})
 
 
@@ -74,6 +75,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._write_ready: asyncio.Future[None] | None = None
         self._head_request = False
         self._keep_alive = True
+        self.answered = False  # some byte of this exchange's answer arrived
+        self.idle_since = 0.0
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -100,6 +103,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._write_ready.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        self.answered = True
         try:
             self._feed(data)
         except UpstreamError as exc:
@@ -121,6 +125,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_request = head_request
         self._keep_alive = True
         self.reusable = False
+        self.answered = False
         self._head = asyncio.get_running_loop().create_future()
         return self._head
 
@@ -359,6 +364,7 @@ class UpstreamPool:
 
     def put(self, origin: Origin, conn: UpstreamConnection) -> None:
         idle = self._idle.setdefault(origin, [])
+        conn.idle_since = asyncio.get_running_loop().time()
         if len(idle) < IDLE_PER_HOST:
             idle.append(conn)
         elif conn.transport is not None:
@@ -395,10 +401,15 @@ class UpstreamPool:
 
     def _take_idle(self, origin: Origin) -> UpstreamConnection | None:
         idle = self._idle.get(origin)
+        now = asyncio.get_running_loop().time()
         while idle:
             conn = idle.pop()
-            if conn.transport is not None and not conn.transport.is_closing():
-                return conn
+            if conn.transport is None or conn.transport.is_closing():
+                continue
+            if now - conn.idle_since > IDLE_SECONDS:
+                conn.transport.close()
+                continue
+            return conn
         return None
 
     async def request(
@@ -432,9 +443,9 @@ class UpstreamPool:
             try:
                 return await self._exchange(conn, origin, method, head, body, content_length)
             except UpstreamError:
-                # A pooled connection the upstream had just closed: try once on a fresh
-                # one when nothing of the answer arrived and the body can be sent again.
-                if not (reused and replayable and attempt == 0):
+                # A pooled connection the upstream had just closed: not one byte of an answer
+                # came back. Once, on a fresh connection, when the body can be sent again.
+                if not (reused and replayable and attempt == 0 and not conn.answered):
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -484,5 +495,7 @@ async def _send_body(conn: UpstreamConnection, body: StreamReader, *, chunked: b
             await conn.drain()
         if chunked and not transport.is_closing():
             transport.write(b"0\r\n\r\n")
-    except (UpstreamError, ConnectionError):
-        return  # the answer side reports the failure
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # the client's upload broke: Ollama must not get half a blob
+        transport.close()  # the answer side reports the failure as a reset

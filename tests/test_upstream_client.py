@@ -301,3 +301,28 @@ async def test_https_upstream(
         assert status == 200 and b'"0.33.0"' in body
     finally:
         await runner.cleanup()
+
+
+async def test_no_retry_once_part_of_an_answer_came(pool: UpstreamPool) -> None:
+    """A request the upstream began answering is never sent twice (it may have acted)."""
+    requests_seen = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal requests_seen
+        await read_request(reader)
+        requests_seen += 1
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await read_request(reader)
+        requests_seen += 1
+        writer.write(b"HTTP/1.1 20")  # dies halfway through the status line
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    server, url = await raw_server(serve)
+    async with server:
+        assert await body_of(pool, url) == (200, b"ok")
+        with pytest.raises(UpstreamError):
+            await body_of(pool, url)
+    assert requests_seen == 2
