@@ -80,7 +80,7 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
         cookie_jar=aiohttp.DummyCookieJar(),  # never store upstream cookies across users
     ) as session:
         app[HTTP_SESSION] = session
-        app[UPSTREAM_POOL] = pool = UpstreamPool()
+        app[UPSTREAM_POOL] = pool = UpstreamPool(max_connections=config.upstream.max_connections)
         try:
             yield
         finally:

@@ -71,7 +71,9 @@ class UpstreamConfig:
     first_byte_timeout: float | None = doc(
         "Seconds to wait for the first byte of a response (cold model loads take minutes).", None
     )
-    max_connections: int = doc("Pooled keep-alive connections to Ollama (0: no limit).", 0)
+    max_connections: int = doc(
+        "Connections to Ollama at once; more requests wait for one (0: no limit).", 0
+    )
 
 
 @dataclass(**FROZEN)

@@ -321,7 +321,7 @@ class UpstreamConnection(asyncio.Protocol):
 class UpstreamResponse:
     """Status and headers of an answer; its body is read piece by piece."""
 
-    __slots__ = ("status", "reason", "headers", "_conn", "_pool", "_origin", "_sender")
+    __slots__ = ("status", "reason", "headers", "_conn", "_pool", "_origin", "_sender", "_open")
 
     def __init__(
         self,
@@ -335,6 +335,7 @@ class UpstreamResponse:
     ) -> None:
         self.status, self.reason, self.headers = status, reason, headers
         self._conn, self._pool, self._origin, self._sender = conn, pool, origin, sender
+        self._open = True  # holds one of the pool's connection slots until released
 
     async def read_chunk(self) -> bytes:
         return await self._conn.read_chunk()
@@ -344,6 +345,7 @@ class UpstreamResponse:
         sender_done = self._sender is None or self._sender.done()
         if self._conn.finished and self._conn.reusable and sender_done:
             self._pool.put(self._origin, self._conn)
+            self._free_slot()
         else:
             self.close()
 
@@ -353,14 +355,26 @@ class UpstreamResponse:
         self._conn.reusable = False
         if self._conn.transport is not None:
             self._conn.transport.close()  # Ollama sees the disconnect and stops generating
+        self._free_slot()
+
+    def _free_slot(self) -> None:
+        if self._open:
+            self._open = False
+            self._pool.slot_done()
 
 
 class UpstreamPool:
     """Idle keep-alive connections per origin, bounded."""
 
-    def __init__(self, tls_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, tls_context: ssl.SSLContext | None = None, max_connections: int = 0) -> None:
         self._idle: dict[Origin, list[UpstreamConnection]] = {}
         self._tls = tls_context
+        # `upstream.max_connections`: exchanges at once; more wait for a free connection.
+        self._slots = asyncio.Semaphore(max_connections) if max_connections > 0 else None
+
+    def slot_done(self) -> None:
+        if self._slots is not None:
+            self._slots.release()
 
     def put(self, origin: Origin, conn: UpstreamConnection) -> None:
         idle = self._idle.setdefault(origin, [])
@@ -435,6 +449,26 @@ class UpstreamPool:
             )
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         replayable = not isinstance(body, StreamReader)
+        if self._slots is not None:
+            await self._slots.acquire()
+        try:
+            return await self._request(
+                origin, method, head, body, content_length, connect_timeout, replayable
+            )
+        except BaseException:
+            self.slot_done()  # no response holds the slot
+            raise
+
+    async def _request(
+        self,
+        origin: Origin,
+        method: str,
+        head: bytes,
+        body: bytes | StreamReader | None,
+        content_length: int | None,
+        connect_timeout: float,
+        replayable: bool,
+    ) -> UpstreamResponse:
         for attempt in range(2):
             conn = self._take_idle(origin)
             reused = conn is not None

@@ -326,3 +326,31 @@ async def test_no_retry_once_part_of_an_answer_came(pool: UpstreamPool) -> None:
         with pytest.raises(UpstreamError):
             await body_of(pool, url)
     assert requests_seen == 2
+
+
+async def test_max_connections_bounds_exchanges_at_once() -> None:
+    """`upstream.max_connections`: a second request waits until the first is released."""
+    limited = UpstreamPool(max_connections=1)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                break
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    server, url = await raw_server(serve)
+    async with server:
+        first = await limited.request("GET", url, "/", [], None, None, 5)
+        second = asyncio.create_task(body_of(limited, url))
+        await asyncio.sleep(0)  # let it try (it must wait, not fail)
+        assert not second.done()
+        while await first.read_chunk():
+            pass
+        first.release()
+        assert await asyncio.wait_for(second, 5) == (200, b"ok")
+        limited.close()
