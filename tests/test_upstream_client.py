@@ -347,8 +347,9 @@ async def test_max_connections_bounds_exchanges_at_once() -> None:
     async with server:
         first = await limited.request("GET", url, "/", [], None, None, 5)
         second = asyncio.create_task(body_of(limited, url))
-        await asyncio.sleep(0)  # let it try (it must wait, not fail)
+        await asyncio.sleep(0)  # let it start: it must wait for the slot, not fail
         assert not second.done()
+        assert limited._slots is not None and limited._slots.locked()
         while await first.read_chunk():
             pass
         first.release()
