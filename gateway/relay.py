@@ -20,8 +20,8 @@ from yarl import URL
 
 from gateway.config import UpstreamConfig
 from gateway.context import RequestContext
-from gateway.errors import BadGateway, GatewayTimeout
-from gateway.upstream_client import UpstreamError, UpstreamPool, UpstreamResponse
+from gateway.errors import BadGateway, BadRequest, GatewayTimeout
+from gateway.upstream_client import UnsafeHeader, UpstreamError, UpstreamPool, UpstreamResponse
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus what must never reach Ollama:
 # credentials (they would leak to ollama.com through cloud passthrough), Origin (Ollama
@@ -190,6 +190,9 @@ async def relay(
         if not watchdog.fired():
             raise  # the client went away: aiohttp cancelled the handler
         raise GatewayTimeout("upstream timed out", reason="timeout") from None
+    except UnsafeHeader:
+        watchdog.stop()
+        raise BadRequest("invalid header", reason="header") from None
     except TimeoutError:  # the connect timeout
         watchdog.stop()
         raise GatewayTimeout("upstream timed out", reason="timeout") from None

@@ -26,6 +26,10 @@ IDLE_SECONDS = 30.0  # drop idle connections before a server-side idle timeout r
 NO_BODY_STATUSES = frozenset({204, 304})
 
 
+class UnsafeHeader(ValueError):
+    """A header that would split the request head (CR/LF): never written upstream."""
+
+
 class UpstreamError(Exception):
     """The upstream connection failed; `refused` when it never opened."""
 
@@ -438,7 +442,10 @@ class UpstreamPool:
     ) -> UpstreamResponse:
         origin = Origin.of(url)
         lines = [f"{method} {target} HTTP/1.1", f"Host: {origin.authority}"]
-        lines += [f"{name}: {value}" for name, value in headers]
+        for name, value in headers:
+            if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
+                raise UnsafeHeader(name)  # request smuggling into Ollama: refused
+            lines.append(f"{name}: {value}")
         if isinstance(body, bytes):
             lines.append(f"Content-Length: {len(body)}")
         elif body is not None:
@@ -447,7 +454,9 @@ class UpstreamPool:
                 if content_length is not None
                 else "Transfer-Encoding: chunked"
             )
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        # aiohttp's parser decoded the client's header bytes as UTF-8 with surrogateescape:
+        # encoding the same way gives Ollama exactly the bytes the client sent.
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
         replayable = not isinstance(body, StreamReader)
         if self._slots is not None:
             await self._slots.acquire()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 
 from tests.conftest import ADMIN_HEADERS, ADMIN_KEY_ENTRY, GatewayFactory, RunningGateway
@@ -107,3 +109,27 @@ async def test_forwarded_proto_is_believed_only_from_trusted_proxies(
     seen = fake.requests_to("/api/version")[-1].headers
     assert seen["X-Forwarded-Proto"] == "https"
     assert seen["X-Forwarded-For"] == "203.0.113.9, 127.0.0.1"
+
+
+async def test_non_ascii_header_values_reach_ollama_byte_for_byte(
+    gateway: RunningGateway, fake: FakeOllama
+) -> None:
+    """UTF-8 (and even invalid UTF-8) in a header value is relayed as sent, never a 500."""
+    host, port = gateway.host_port.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    values = ["日本語 title".encode(), b"caf\xc3\xa9", b"raw \xff\xfe bytes"]
+    request = (
+        b"GET /api/version HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
+        + ADMIN_HEADERS["Authorization"].join([b"Authorization: ".decode(), ""]).encode()
+        + b"\r\n"
+        + b"".join(b"X-Title-%d: " % i + v + b"\r\n" for i, v in enumerate(values))
+        + b"\r\n"
+    )
+    writer.write(request)
+    status_line = await reader.readline()
+    writer.close()
+    await writer.wait_closed()
+    assert b" 200 " in status_line
+    seen = fake.requests_to("/api/version")[-1].headers
+    for i, value in enumerate(values):
+        assert seen[f"X-Title-{i}"].encode("utf-8", "surrogateescape") == value

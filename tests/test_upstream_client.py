@@ -331,6 +331,7 @@ async def test_no_retry_once_part_of_an_answer_came(pool: UpstreamPool) -> None:
 async def test_max_connections_bounds_exchanges_at_once() -> None:
     """`upstream.max_connections`: a second request waits until the first is released."""
     limited = UpstreamPool(max_connections=1)
+    handlers_done = 0
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
@@ -342,6 +343,8 @@ async def test_max_connections_bounds_exchanges_at_once() -> None:
             await writer.drain()
         writer.close()
         await writer.wait_closed()
+        nonlocal handlers_done
+        handlers_done += 1
 
     server, url = await raw_server(serve)
     async with server:
@@ -355,3 +358,15 @@ async def test_max_connections_bounds_exchanges_at_once() -> None:
         first.release()
         assert await asyncio.wait_for(second, 5) == (200, b"ok")
         limited.close()
+        await until(lambda: handlers_done == 1)  # the server side has closed its end too
+
+
+async def test_a_header_that_would_split_the_request_is_refused(pool: UpstreamPool) -> None:
+    """Defence in depth: aiohttp's parser already refuses these; the writer never trusts it."""
+    from gateway.upstream_client import UnsafeHeader
+
+    for name, value in (("X-A", "ok\r\nX-Injected: 1"), ("X-B", "ok\nGET / HTTP/1.1")):
+        with pytest.raises(UnsafeHeader):
+            await pool.request(
+                "GET", URL("http://127.0.0.1:9"), "/", [(name, value)], None, None, 5
+            )
