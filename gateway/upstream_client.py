@@ -24,6 +24,7 @@ HIGH_WATER = 256 * 1024  # unread body bytes before the upstream socket is pause
 IDLE_PER_HOST = 256
 IDLE_SECONDS = 30.0  # drop idle connections before a server-side idle timeout races a request
 NO_BODY_STATUSES = frozenset({204, 304})
+HEX_DIGITS = b"0123456789abcdefABCDEF"
 
 
 class UnsafeHeader(ValueError):
@@ -195,6 +196,10 @@ class UpstreamConnection(asyncio.Protocol):
             if self._remaining == 0:
                 self._end_body()
             return
+        if state == _CHUNK_SIZE and not self._buf:
+            data = self._whole_frames(data)  # Ollama flushes one record per chunk frame
+            if not data:
+                return
         if state == _UNTIL_CLOSE:
             self._deliver(data)
             return
@@ -204,6 +209,29 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._buf += data
         self._parse()
+
+    def _whole_frames(self, data: bytes) -> bytes:
+        """Deliver the complete `size CRLF payload CRLF` frames at the start of `data`.
+
+        Returns what is left (a partial frame, or the last chunk) for the general parser.
+        """
+        at = 0
+        end = len(data)
+        while at < end:
+            line_end = data.find(b"\r\n", at, at + 20)
+            if line_end < 0:
+                break
+            digits = data[at:line_end]
+            if not digits or digits.translate(None, HEX_DIGITS):
+                break  # extensions, or not a size at all: the general parser decides
+            size = int(digits, 16)
+            start = line_end + 2
+            stop = start + size
+            if size == 0 or stop + 2 > end or data[stop : stop + 2] != b"\r\n":
+                break
+            self._deliver(data[start:stop])
+            at = stop + 2
+        return data[at:] if at else data
 
     def _parse(self) -> None:
         buf = self._buf
@@ -237,10 +265,10 @@ class UpstreamConnection(asyncio.Protocol):
                     return
                 line = bytes(buf[:end]).split(b";", 1)[0].strip()
                 del buf[: end + 2]
-                try:
-                    size = int(line, 16)
-                except ValueError:
-                    raise UpstreamError("bad chunk size from upstream") from None
+                # Hex digits only: int() alone would take "-1", "0x1f" or "1_0".
+                if not line or len(line) > 16 or line.translate(None, HEX_DIGITS):
+                    raise UpstreamError("bad chunk size from upstream")
+                size = int(line, 16)
                 if size == 0:
                     self._state = _TRAILERS
                 else:
