@@ -206,13 +206,15 @@ async def body_of(pool: UpstreamPool, url: URL, target: str = "/api/version") ->
     return response.status, body
 
 
-async def test_keep_alive_reuses_one_connection(pool: UpstreamPool) -> None:
-    connections = 0
-    finished = asyncio.Event()
+class KeepAliveServer:
+    """Answers `ok` to every request on a connection until the client closes it."""
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
+    def __init__(self) -> None:
+        self.connections = 0
+        self.closed = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         while True:
             try:
                 await read_request(reader)
@@ -222,15 +224,18 @@ async def test_keep_alive_reuses_one_connection(pool: UpstreamPool) -> None:
             await writer.drain()
         writer.close()
         await writer.wait_closed()
-        finished.set()
+        self.closed += 1
 
-    server, url = await raw_server(serve)
+
+async def test_keep_alive_reuses_one_connection(pool: UpstreamPool) -> None:
+    upstream = KeepAliveServer()
+    server, url = await raw_server(upstream.serve)
     async with server:
         for _ in range(5):
             assert await body_of(pool, url) == (200, b"ok")
         pool.close()  # the server's handler sees the end of the connection and finishes
-        await until(lambda: finished.is_set())
-    assert connections == 1
+        await until(lambda: upstream.closed == 1)
+    assert upstream.connections == 1
 
 
 async def test_a_pooled_connection_closed_by_the_upstream_is_retried_once(
@@ -334,22 +339,8 @@ async def test_no_retry_once_part_of_an_answer_came(pool: UpstreamPool) -> None:
 async def test_max_connections_bounds_exchanges_at_once() -> None:
     """`upstream.max_connections`: a second request waits until the first is released."""
     limited = UpstreamPool(max_connections=1)
-    handlers_done = 0
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            try:
-                await read_request(reader)
-            except asyncio.IncompleteReadError:
-                break
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
-        writer.close()
-        await writer.wait_closed()
-        nonlocal handlers_done
-        handlers_done += 1
-
-    server, url = await raw_server(serve)
+    upstream = KeepAliveServer()
+    server, url = await raw_server(upstream.serve)
     async with server:
         first = await limited.request("GET", url, "/", [], None, None, 5)
         second = asyncio.create_task(body_of(limited, url))
@@ -361,7 +352,7 @@ async def test_max_connections_bounds_exchanges_at_once() -> None:
         first.release()
         assert await asyncio.wait_for(second, 5) == (200, b"ok")
         limited.close()
-        await until(lambda: handlers_done == 1)  # the server side has closed its end too
+        await until(lambda: upstream.closed == 1)  # the server side has closed its end too
 
 
 async def test_a_header_that_would_split_the_request_is_refused(pool: UpstreamPool) -> None:
