@@ -137,10 +137,6 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
 def _convert(value: Any, tp: Any, path: str, problems: list[Problem]) -> Any:
     """Convert `value` to type `tp`, appending problems; returns a best-effort value."""
     origin = get_origin(tp)
