@@ -86,6 +86,7 @@ class _User:
     priority: int = 0
     waiting: int = 0  # requests waiting, all models
     running: int = 0  # slots held, all models
+    last_dispatch: int = 0  # breaks ties between equal counters: least recently served first
 
 
 @dataclass(slots=True, eq=False)
@@ -159,6 +160,7 @@ class FairScheduler:
         self._users: dict[str, _User] = {}
         self._backlogged: set[str] = set()  # users with at least one request waiting
         self._seq = 0
+        self._dispatches = 0
         self.waiting_total = 0
         self.virtual_time = 0.0  # the counter of the last dispatch: newcomers start here
 
@@ -299,11 +301,11 @@ class FairScheduler:
 
     def _pick(self, pool: _Pool) -> _Waiter | None:
         best: _Waiter | None = None
-        best_rank: tuple[float, float, int] | None = None
+        best_rank: tuple[float, float, int, int] | None = None
         for queue in pool.queues.values():
             head = queue[0]
             user = head.user
-            rank = (-user.priority, user.counter, head.seq)
+            rank = (-user.priority, user.counter, user.last_dispatch, head.seq)
             if best_rank is None or rank < best_rank:
                 best, best_rank = head, rank
         return best
@@ -326,6 +328,8 @@ class FairScheduler:
     def _grant(self, pool: _Pool, user: _User, ticket: Ticket, *, waited: float) -> Grant:
         pool.in_use += 1
         user.running += 1
+        self._dispatches += 1
+        user.last_dispatch = self._dispatches
         self.virtual_time = max(self.virtual_time, user.counter)
         charged = ticket.estimate / user.weight
         user.counter += charged
