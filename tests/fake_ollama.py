@@ -6,14 +6,24 @@ types and bytes, late headers, NDJSON/SSE framing, the loopback Host check and C
 403s, gin's 404/405 texts, blob uploads hashed while streaming, and injectable
 failures (mid-stream error line, crash, hang).
 
+Opt-in Ollama scheduling (``parallel=P``, ``model_parallel={"all-minilm": 1}``): each model
+runs at most P inference requests at once and queues the rest FIFO with no depth limit, as
+Ollama's per-model semaphore does; ``fake.grants`` records every grant, ``fake.max_running``
+the highest concurrency per model, and ``await fake.wait_for(lambda: fake.waiting(m) == 3)``
+waits for a state without sleeping (``tests/fake_ollama_slots.py``).  ``usage_from_plan=True``
+makes the reported token counts honest: completion tokens = content chunks generated, prompt
+tokens estimated from the prompt's size.
+
 Layout: this module holds the server, dispatch and the generation engine;
 ``fake_ollama_manage`` (model store, blobs), ``fake_ollama_v1`` (OpenAI/Anthropic
 routes), ``fake_ollama_http`` (records, binding, Host/CORS rules) and
-``fake_ollama_wire`` (byte-exact record builders) hold the rest.
+``fake_ollama_wire`` (byte-exact record builders) and ``fake_ollama_slots`` (per-model slots)
+hold the rest.
 
 Run standalone (benchmarks)::
 
     python -m tests.fake_ollama --port 11434 [--chunks N] [--chunk-delay S] [--no-host-check]
+        [--parallel P] [--model-parallel NAME=P ...] [--usage-from-plan]
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from tests.fake_ollama_http import (
     Model,
     RecordedRequest,
     err,
+    estimate_prompt_tokens,
     host_allowed,
     json_reply,
     origin_allowed,
@@ -45,10 +56,11 @@ from tests.fake_ollama_http import (
     reply,
 )
 from tests.fake_ollama_manage import ManageRoutes
+from tests.fake_ollama_slots import INFERENCE_PATHS, Grant, Slots
 from tests.fake_ollama_v1 import V1Routes
 from tests.fake_ollama_wire import JSON_CT, GenFormat, NativeFormat, fake_embedding, now_utc
 
-__all__ = ["FakeOllama", "RecordedRequest", "fake_ollama", "main"]
+__all__ = ["FakeOllama", "Grant", "RecordedRequest", "fake_ollama", "main"]
 
 CORS_ORIGIN = web.RequestKey("cors_origin", str)  # set when an allowed cross-origin request passed
 DEFAULT_MODELS = ["llama3.2:latest", "qwen2.5:7b", "all-minilm:latest", "gpt-oss:120b-cloud"]
@@ -67,6 +79,9 @@ class FakeOllama(ManageRoutes, V1Routes):
         first_byte_delay: float = 0.0,
         version: str = "0.33.0",
         keep_requests: int | None = None,
+        parallel: int | None = None,
+        model_parallel: dict[str, int] | None = None,
+        usage_from_plan: bool = False,
     ) -> None:
         self.host_check = host_check
         self.chunks = chunks
@@ -83,6 +98,11 @@ class FakeOllama(ManageRoutes, V1Routes):
         self.hang_after_chunks: int | None = None
         self.status_override: dict[str, tuple[int, Any]] = {}
         self.usage: tuple[int, int] = (26, 10)
+        # True: completion tokens = content chunks generated, prompt tokens from the prompt size
+        self.usage_from_plan = usage_from_plan
+        # Ollama's per-model slots (None/0 everywhere: unlimited, nothing recorded)
+        self.slots = Slots(parallel, model_parallel, keep=keep_requests)
+        self._seq = 0
         self.url = ""
         now = time.time()
         self._models: dict[str, Model] = {}
@@ -136,6 +156,44 @@ class FakeOllama(ManageRoutes, V1Routes):
         self.hang_after_chunks = None
         held, self._never = self._never, asyncio.Event()
         held.set()
+
+    # ----------------------------------------------------------------- slots
+
+    @property
+    def grants(self) -> list[Grant]:
+        """Every slot grant in grant order (only with ``parallel``/``model_parallel``)."""
+        return self.slots.grants
+
+    @property
+    def max_running(self) -> dict[str, int]:
+        """Highest number of requests ever running at once, per normalised model name."""
+        return self.slots.max_running
+
+    def running(self, model: str) -> int:
+        """Requests holding a slot of ``model`` now."""
+        return self.slots.running(model)
+
+    def waiting(self, model: str) -> int:
+        """Requests queued for a slot of ``model`` now."""
+        return self.slots.waiting(model)
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:  # noqa: ASYNC109
+        """Return once ``predicate()`` holds; re-checked on every slot state change.
+
+        ``await fake.wait_for(lambda: fake.waiting("llama3.2") == 8)``; TimeoutError otherwise.
+        """
+        await self.slots.wait_for(predicate, timeout)
+
+    async def _take_slot(self, ctx: Ctx, model: str) -> None:
+        """Wait for a slot of ``model`` (inference routes only); held until the response ends."""
+        if ctx.grant is None and self.slots.enabled and ctx.request.path in INFERENCE_PATHS:
+            ctx.grant = await self.slots.acquire(ctx.request.path, model, ctx.rec, ctx.seq)
+
+    def _usage_of(self, req: dict[str, Any], n: int) -> tuple[int, int]:
+        """(prompt, completion) tokens to report for a generation of n content chunks."""
+        if self.usage_from_plan:
+            return estimate_prompt_tokens(req), n
+        return self.usage
 
     async def wait_client_gone(self, timeout: float = 5.0) -> RecordedRequest:  # noqa: ASYNC109
         """Next request whose client disconnected mid-response.
@@ -194,7 +252,8 @@ class FakeOllama(ManageRoutes, V1Routes):
         self.requests.append(rec)
         if self.keep_requests and len(self.requests) > self.keep_requests:
             del self.requests[: len(self.requests) // 2]
-        ctx = Ctx(request, rec)
+        ctx = Ctx(request, rec, seq=self._seq)
+        self._seq += 1
         task = asyncio.current_task()
         if task is not None:
             self._active.add(task)
@@ -214,6 +273,8 @@ class FakeOllama(ManageRoutes, V1Routes):
                 self._mark_gone(rec)
             return ctx.resp or web.Response()
         finally:
+            if ctx.grant is not None:
+                self.slots.release(ctx.grant)
             if task is not None:
                 self._active.discard(task)
 
@@ -327,7 +388,9 @@ class FakeOllama(ManageRoutes, V1Routes):
         return self.chunks, "stop"
 
     async def _run(self, ctx: Ctx, fmt: GenFormat, n: int, stream: bool) -> web.StreamResponse:
-        """Drive one generation: first_byte_delay, n chunks with chunk_delay, injected faults."""
+        """Drive one generation: a model slot, first_byte_delay, n chunks, injected faults."""
+        if fmt.done_reason != "load":  # a load record (empty prompt) never runs the model
+            await self._take_slot(ctx, fmt.model)
         await self._sleep_first_byte()
         pieces = [f"tok{i} " for i in range(n)]
         for i in range(n + 1):
@@ -417,7 +480,8 @@ class FakeOllama(ManageRoutes, V1Routes):
             }
             return json_reply(rec)
         n, reason = self._plan((req.get("options") or {}).get("num_predict"))
-        fmt = NativeFormat("generate", model, self.usage, reason, context=not req.get("raw"))
+        usage = self._usage_of(req, n)
+        fmt = NativeFormat("generate", model, usage, reason, context=not req.get("raw"))
         return await self._run(ctx, fmt, n, req.get("stream") is not False)
 
     async def _chat(self, ctx: Ctx) -> web.StreamResponse:
@@ -441,26 +505,27 @@ class FakeOllama(ManageRoutes, V1Routes):
                 }
             )
         n, reason = self._plan((req.get("options") or {}).get("num_predict"))
-        return await self._run(
-            ctx, NativeFormat("chat", model, self.usage, reason), n, req.get("stream") is not False
-        )
+        fmt = NativeFormat("chat", model, self._usage_of(req, n), reason)
+        return await self._run(ctx, fmt, n, req.get("stream") is not False)
 
     async def _embed(self, ctx: Ctx) -> web.StreamResponse:
         req = ctx.bind("api.EmbedRequest", {"model": "string"})
         model = req.get("model") or ""
         self._model_or_404(model)
-        await self._sleep_first_byte()
         inp = req.get("input")
         inputs = [inp] if isinstance(inp, str) else list(inp or [])
         if not inputs or inputs == [""]:
+            await self._sleep_first_byte()
             return json_reply({"model": model, "embeddings": []})
+        await self._take_slot(ctx, model)
+        await self._sleep_first_byte()
         return json_reply(
             {
                 "model": model,
                 "embeddings": [fake_embedding(str(t)) for t in inputs],
                 "total_duration": 14_143_917,
                 "load_duration": 1_019_500,
-                "prompt_eval_count": self.usage[0],
+                "prompt_eval_count": self._usage_of(req, 0)[0],
             }
         )
 
@@ -468,8 +533,10 @@ class FakeOllama(ManageRoutes, V1Routes):
         req = ctx.bind("api.EmbeddingRequest", {"model": "string", "prompt": "string"})
         model = req.get("model") or ""
         self._model_or_404(model)
-        await self._sleep_first_byte()
         prompt = req.get("prompt") or ""
+        if prompt:
+            await self._take_slot(ctx, model)
+        await self._sleep_first_byte()
         return json_reply({"embedding": fake_embedding(prompt) if prompt else []})
 
 
@@ -492,9 +559,34 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--first-byte-delay", type=float, default=0.0)
     ap.add_argument("--no-host-check", action="store_true")
     ap.add_argument(
+        "--parallel",
+        type=int,
+        default=0,
+        help="inference requests per model at once, the rest wait FIFO (OLLAMA_NUM_PARALLEL;"
+        " default 0: unlimited)",
+    )
+    ap.add_argument(
+        "--model-parallel",
+        action="append",
+        default=[],
+        metavar="NAME=P",
+        help="per-model override of --parallel (repeatable)",
+    )
+    ap.add_argument(
+        "--usage-from-plan",
+        action="store_true",
+        help="report completion tokens = chunks generated, prompt tokens from the prompt size",
+    )
+    ap.add_argument(
         "--model", action="append", help="model name (repeatable; default: the built-in list)"
     )
     args = ap.parse_args(argv)
+    model_parallel: dict[str, int] = {}
+    for item in args.model_parallel:
+        name, sep, value = item.rpartition("=")
+        if not sep or not name or not value.isdigit():
+            ap.error(f"--model-parallel wants NAME=P, got {item!r}")
+        model_parallel[name] = int(value)
 
     async def run() -> None:
         fake = FakeOllama(
@@ -504,6 +596,9 @@ def main(argv: list[str] | None = None) -> None:
             chunk_delay=args.chunk_delay,
             first_byte_delay=args.first_byte_delay,
             keep_requests=10_000,
+            parallel=args.parallel,
+            model_parallel=model_parallel,
+            usage_from_plan=args.usage_from_plan,
         )
         await fake.start(args.port)
         print(f"listening on {fake.url}", flush=True)

@@ -15,12 +15,15 @@ import socket
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from multidict import CIMultiDict
 
 from tests.fake_ollama_wire import JSON_CT, anthropic_error, go_json, openai_error
+
+if TYPE_CHECKING:
+    from tests.fake_ollama_slots import Grant
 
 KEEP_BODY_MAX = 1 << 20  # RecordedRequest.body is kept only up to 1 MiB
 DIGEST_RE = re.compile(r"^sha256[:-][0-9a-fA-F]{64}$")
@@ -190,6 +193,8 @@ class Ctx:
     param: str = ""
     resp: web.StreamResponse | None = None
     server_aborted: bool = False
+    seq: int = 0  # arrival number at the fake
+    grant: Grant | None = None  # the model slot this request holds (released when it ends)
 
     def bind(self, struct: str, types: dict[str, str], style: str = "native") -> dict[str, Any]:
         """gin ShouldBindJSON: EOF on an empty body, Go decoder messages, field type checks."""
@@ -302,6 +307,29 @@ def estimate_tokens(req: dict[str, Any]) -> int:
     for m in req.get("messages") or []:
         if isinstance(m, dict):
             total += len(m.get("role") or "") + count(m.get("content"))
+    return max(total // 4, 1)
+
+
+def estimate_prompt_tokens(req: dict[str, Any]) -> int:
+    """Prompt tokens from the prompt's size (characters / 4, at least 1), for any route.
+
+    Counts ``prompt``, ``system``, ``instructions``, ``input`` (string, list of strings or
+    items) and every message's role and content.
+    """
+
+    def count(content: Any) -> int:
+        if isinstance(content, str):
+            return len(content)
+        if isinstance(content, list):
+            return sum(count(c) for c in content)
+        if isinstance(content, dict):
+            return len(content.get("role") or "") + sum(
+                count(content.get(k)) for k in ("content", "text")
+            )
+        return 0
+
+    total = sum(count(req.get(k)) for k in ("prompt", "system", "instructions", "input"))
+    total += count(req.get("messages"))
     return max(total // 4, 1)
 
 

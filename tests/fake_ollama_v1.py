@@ -42,9 +42,13 @@ class V1Routes:
     """/v1 handlers; generation itself runs through FakeOllama._run."""
 
     usage: tuple[int, int]
+    usage_from_plan: bool
     chunks: int
 
     if TYPE_CHECKING:
+
+        def _usage_of(self, req: dict[str, Any], n: int) -> tuple[int, int]: ...
+        async def _take_slot(self, ctx: Ctx, model: str) -> None: ...
 
         def _find(self, name: str) -> Model | None: ...
         def _sorted_models(self) -> list[Model]: ...
@@ -79,7 +83,8 @@ class V1Routes:
         self._v1_check_model(req.get("model"))
         n, reason = self._plan(req.get("max_tokens"))
         include = bool((req.get("stream_options") or {}).get("include_usage"))
-        fmt = OpenAIChatFormat(req["model"], self.usage, reason, include_usage=include)
+        usage = self._usage_of(req, n)
+        fmt = OpenAIChatFormat(req["model"], usage, reason, include_usage=include)
         return await self._run(ctx, fmt, n, bool(req.get("stream")))
 
     async def _v1_completions(self, ctx: Ctx) -> web.StreamResponse:
@@ -100,7 +105,8 @@ class V1Routes:
             fmt = OpenAICompletionFormat(req["model"], (0, 0), "load", include_usage=include)
             return await self._run(ctx, fmt, 0, bool(req.get("stream")))
         n, reason = self._plan(req.get("max_tokens"))
-        fmt = OpenAICompletionFormat(req["model"], self.usage, reason, include_usage=include)
+        usage = self._usage_of(req, n)
+        fmt = OpenAICompletionFormat(req["model"], usage, reason, include_usage=include)
         return await self._run(ctx, fmt, n, bool(req.get("stream")))
 
     async def _v1_embeddings(self, ctx: Ctx) -> web.StreamResponse:
@@ -120,6 +126,7 @@ class V1Routes:
         if inp is None or inp == []:
             raise Abort(json_reply(openai_error(400, "invalid input"), 400))
         self._v1_check_model(req.get("model"))
+        await self._take_slot(ctx, req["model"])
         await self._sleep_first_byte()
         inputs = [inp] if isinstance(inp, str) else list(inp)
         data = []
@@ -127,11 +134,12 @@ class V1Routes:
             v = fake_embedding(str(t))
             emb: Any = floats_to_base64(v) if enc.lower() == "base64" else v
             data.append({"object": "embedding", "embedding": emb, "index": i})
+        prompt_tokens = self._usage_of(req, 0)[0]
         body = {
             "object": "list",
             "data": data,
             "model": req["model"],
-            "usage": {"prompt_tokens": self.usage[0], "total_tokens": self.usage[0]},
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
         }
         return reply(200, JSON_CT_PLAIN, go_json(body) + b"\n")
 
@@ -186,7 +194,7 @@ class V1Routes:
         )
         self._v1_check_model(req.get("model"))
         n, reason = self._plan(req.get("max_output_tokens"))
-        fmt = ResponsesFormat(req["model"], self.usage, reason, request=req)
+        fmt = ResponsesFormat(req["model"], self._usage_of(req, n), reason, request=req)
         return await self._run(ctx, fmt, n, req.get("stream") is True)
 
     async def _v1_messages(self, ctx: Ctx) -> web.StreamResponse:
@@ -205,7 +213,7 @@ class V1Routes:
         self._v1_check_model(req["model"], "anthropic")
         n, reason = self._plan(req["max_tokens"])
         fmt = AnthropicFormat(
-            req["model"], self.usage, reason, estimated_input=estimate_tokens(req)
+            req["model"], self._usage_of(req, n), reason, estimated_input=estimate_tokens(req)
         )
         return await self._run(ctx, fmt, n, bool(req.get("stream")))
 

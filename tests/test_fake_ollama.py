@@ -717,6 +717,10 @@ async def test_standalone_main_prints_url(http: aiohttp.ClientSession):
         "0",
         "--chunks",
         "2",
+        "--parallel",
+        "1",
+        "--model-parallel",
+        "all-minilm=1",
         cwd=REPO,
         stdout=asyncio.subprocess.PIPE,
     )
@@ -730,3 +734,229 @@ async def test_standalone_main_prints_url(http: aiohttp.ClientSession):
     finally:
         proc.terminate()
         await proc.wait()
+
+
+# ------------------------------------------------------------- Ollama-like slots (issue 11)
+
+LLAMA = "llama3.2:latest"
+
+
+def gen(prompt: str, **options: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "llama3.2", "prompt": prompt}
+    if options:
+        body["options"] = options
+    return body
+
+
+@pytest.fixture
+async def slotted() -> AsyncIterator[FakeOllama]:
+    async with fake_ollama(parallel=1, model_parallel={"all-minilm": 2}) as fake:
+        yield fake
+
+
+async def hold_first(fake: FakeOllama, http: aiohttp.ClientSession) -> asyncio.Task[Any]:
+    """One generation that holds llama3.2's only slot until `fake.resume()`."""
+    fake.hang_after_chunks = 1
+    task = asyncio.create_task(post(http, fake.url + "/api/generate", gen("holder")))
+    await fake.wait_for(lambda: fake.running(LLAMA) == 1)
+    return task
+
+
+async def test_slots_off_by_default_nothing_waits_or_is_recorded(
+    server: FakeOllama, http: aiohttp.ClientSession
+):
+    server.hang_after_chunks = 1
+    tasks = [asyncio.create_task(post(http, server.url + "/api/chat", CHAT)) for _ in range(3)]
+    await asyncio.sleep(0.1)
+    assert server.running(LLAMA) == 0 and server.grants == [] and server.max_running == {}
+    server.resume()
+    assert [s for s, _, _ in await asyncio.gather(*tasks)] == [200, 200, 200]
+
+
+async def test_slots_fifo_order_and_grant_records(slotted: FakeOllama, http: aiohttp.ClientSession):
+    holder = await hold_first(slotted, http)
+    waiters = []
+    for i in range(5):  # each one queued before the next is sent: a known arrival order
+        waiters.append(asyncio.create_task(post(http, slotted.url + "/api/generate", gen(f"w{i}"))))
+        await slotted.wait_for(lambda i=i: slotted.waiting("llama3.2") == i + 1)
+    assert [r.json["prompt"] for r in slotted.slots.waiting_requests("llama3.2")] == [
+        f"w{i}" for i in range(5)
+    ]
+    await asyncio.sleep(0.05)  # a measurable wait for the first waiter
+    slotted.resume()
+    assert all(s == 200 for s, _, _ in await asyncio.gather(holder, *waiters))
+
+    grants = slotted.grants
+    assert [g.request.json["prompt"] for g in grants] == ["holder"] + [f"w{i}" for i in range(5)]
+    assert [g.seq for g in grants] == sorted(g.seq for g in grants)
+    for g in grants:
+        assert (g.path, g.model, g.running) == ("/api/generate", LLAMA, 1)
+        assert g.request in slotted.requests and g.request.status == 200
+        assert g.finished_at is not None and g.duration is not None and g.duration >= 0
+        assert g.wait == pytest.approx(g.granted_at - g.queued_at)
+    assert grants[0].wait < 0.05 <= grants[1].wait
+    for prev, nxt in zip(grants, grants[1:], strict=False):  # one at a time, back to back
+        assert prev.finished_at is not None and prev.finished_at <= nxt.granted_at
+    assert slotted.max_running == {LLAMA: 1}
+    assert slotted.running(LLAMA) == 0 and slotted.waiting(LLAMA) == 0
+
+
+async def test_slots_queue_depth_is_unlimited(slotted: FakeOllama):
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        holder = await hold_first(slotted, http)
+        tasks = [
+            asyncio.create_task(post(http, slotted.url + "/api/chat", CHAT)) for _ in range(150)
+        ]
+        await slotted.wait_for(lambda: slotted.waiting(LLAMA) == 150, timeout=20)
+        slotted.resume()
+        results = await asyncio.gather(holder, *tasks)
+    assert [s for s, _, _ in results] == [200] * 151
+    assert len(slotted.grants) == 151 and slotted.max_running == {LLAMA: 1}
+    assert max(g.wait for g in slotted.grants) > 0
+
+
+async def test_slots_waiter_whose_client_leaves_never_runs(
+    slotted: FakeOllama, http: aiohttp.ClientSession
+):
+    holder = await hold_first(slotted, http)
+    first = asyncio.create_task(post(http, slotted.url + "/api/generate", gen("leaves")))
+    await slotted.wait_for(lambda: slotted.waiting(LLAMA) == 1)
+    second = asyncio.create_task(post(http, slotted.url + "/api/generate", gen("stays")))
+    await slotted.wait_for(lambda: slotted.waiting(LLAMA) == 2)
+    first.cancel()  # the client closes its connection while queued
+    gone = await slotted.wait_client_gone()
+    assert gone.json["prompt"] == "leaves"
+    await slotted.wait_for(lambda: slotted.waiting(LLAMA) == 1)
+    assert [r.json["prompt"] for r in slotted.slots.waiting_requests(LLAMA)] == ["stays"]
+    slotted.resume()
+    assert (await holder)[0] == 200 and (await second)[0] == 200
+    assert [g.request.json["prompt"] for g in slotted.grants] == ["holder", "stays"]
+    assert gone.status is None
+
+
+async def test_slots_held_until_client_leaves_mid_stream(
+    slotted: FakeOllama, http: aiohttp.ClientSession
+):
+    holder = await hold_first(slotted, http)
+    nxt = asyncio.create_task(post(http, slotted.url + "/api/generate", gen("next")))
+    await slotted.wait_for(lambda: slotted.waiting(LLAMA) == 1)
+    holder.cancel()  # the running stream's client goes: its slot passes to the waiter
+    await slotted.wait_client_gone()
+    slotted.resume()
+    assert (await nxt)[0] == 200
+    first, second = slotted.grants
+    assert first.finished_at is not None and first.finished_at <= second.granted_at
+
+
+async def test_slots_released_on_abort_and_failure(
+    slotted: FakeOllama, http: aiohttp.ClientSession
+):
+    slotted.abort_mid_stream_after = 1
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await post(http, slotted.url + "/api/generate", gen("crash"))
+    slotted.abort_mid_stream_after = None
+    slotted.fail_mid_stream_after = 0
+    assert (await post(http, slotted.url + "/api/generate", gen("fails")))[0] == 500
+    slotted.fail_mid_stream_after = None
+    assert (await post(http, slotted.url + "/api/generate", gen("ok")))[0] == 200
+    assert slotted.running(LLAMA) == 0
+    assert all(g.finished_at is not None for g in slotted.grants) and len(slotted.grants) == 3
+
+
+async def test_slots_max_running_never_above_parallel(http: aiohttp.ClientSession):
+    async with fake_ollama(parallel=3, chunk_delay=0.005) as fake:
+        routes = [
+            ("/api/chat", CHAT),
+            ("/api/generate", GEN),
+            ("/v1/chat/completions", {**CHAT, "stream": True}),
+            ("/v1/completions", {"model": "llama3.2", "prompt": "hi"}),
+            ("/v1/responses", {"model": "llama3.2", "input": "hi"}),
+            ("/v1/messages", {**CHAT, "max_tokens": 5}),
+        ]
+        tasks = [post(http, fake.url + path, body) for path, body in routes * 4]
+        results = await asyncio.gather(*tasks)
+    assert [s for s, _, _ in results] == [200] * 24
+    assert fake.max_running == {LLAMA: 3}
+    assert len(fake.grants) == 24 and all(1 <= g.running <= 3 for g in fake.grants)
+    assert {g.path for g in fake.grants} == {p for p, _ in routes}
+
+
+async def test_slots_per_model_and_normalised_names(
+    slotted: FakeOllama, http: aiohttp.ClientSession
+):
+    holder = await hold_first(slotted, http)  # llama3.2 (parallel 1) is busy...
+    emb = [  # ...but all-minilm has its own slots (model_parallel 2), named three ways
+        post(http, slotted.url + "/api/embed", {"model": "all-minilm", "input": "a"}),
+        post(http, slotted.url + "/api/embeddings", {"model": "ALL-MINILM:latest", "prompt": "b"}),
+        post(http, slotted.url + "/v1/embeddings", {"model": "all-minilm:latest", "input": "c"}),
+    ]
+    assert [s for s, _, _ in await asyncio.gather(*emb)] == [200, 200, 200]
+    assert slotted.slots.limit("all-minilm:latest") == 2 and slotted.slots.limit("qwen2.5:7b") == 1
+    assert 1 <= slotted.max_running["all-minilm:latest"] <= 2
+    assert slotted.waiting("llama3.2:latest") == 0
+    slotted.resume()
+    assert (await holder)[0] == 200
+
+
+async def test_slots_non_inference_routes_never_wait(
+    slotted: FakeOllama, http: aiohttp.ClientSession
+):
+    holder = await hold_first(slotted, http)
+    queued = asyncio.create_task(post(http, slotted.url + "/api/chat", CHAT))
+    await slotted.wait_for(lambda: slotted.waiting(LLAMA) == 1)
+    for method, path, body in [
+        ("GET", "/", None),
+        ("GET", "/api/version", None),
+        ("GET", "/api/tags", None),
+        ("GET", "/api/ps", None),
+        ("POST", "/api/show", {"model": "llama3.2"}),
+        ("GET", "/v1/models", None),
+        ("GET", "/v1/models/llama3.2", None),
+        ("POST", "/api/generate", {"model": "llama3.2"}),  # a load record: no slot
+        ("POST", "/api/chat", {"model": "llama3.2", "messages": []}),
+        ("POST", "/v1/completions", {"model": "llama3.2", "prompt": ""}),
+        ("POST", "/api/embed", {"model": "llama3.2", "input": []}),
+        ("POST", "/api/generate", {"model": "nope", "prompt": "x"}),  # 404 before any slot
+    ]:
+        async with http.request(method, slotted.url + path, json=body) as r:
+            await r.read()
+            assert r.status in (200, 404), (path, r.status)
+    assert slotted.waiting(LLAMA) == 1 and len(slotted.grants) == 1
+    slotted.resume()
+    assert (await holder)[0] == 200 and (await queued)[0] == 200
+
+
+async def test_wait_for_times_out(slotted: FakeOllama):
+    with pytest.raises(TimeoutError):
+        await slotted.wait_for(lambda: slotted.waiting(LLAMA) == 1, timeout=0.05)
+
+
+async def test_usage_from_plan_counts_chunks_and_prompt(http: aiohttp.ClientSession):
+    async with fake_ollama(chunks=40, usage_from_plan=True) as fake:
+        _, _, body = await post(http, fake.url + "/api/generate", gen("x" * 400, num_predict=7))
+        final = json.loads(body.splitlines()[-1])
+        assert (final["prompt_eval_count"], final["eval_count"]) == (100, 7)
+        _, _, body = await post(http, fake.url + "/api/chat", {**CHAT, "stream": False})
+        final = json.loads(body)
+        assert (final["prompt_eval_count"], final["eval_count"]) == (1, 40)
+        chat = {"model": "llama3.2", "messages": [{"role": "user", "content": "y" * 96}]}
+        _, _, body = await post(http, fake.url + "/v1/chat/completions", {**chat, "max_tokens": 3})
+        assert json.loads(body)["usage"] == {
+            "prompt_tokens": 25,
+            "completion_tokens": 3,
+            "total_tokens": 28,
+        }
+        msgs = {**chat, "max_tokens": 12}
+        _, _, body = await post(http, fake.url + "/v1/messages", msgs)
+        assert json.loads(body)["usage"] == {"input_tokens": 25, "output_tokens": 12}
+        resp = {"model": "llama3.2", "input": "z" * 80, "max_output_tokens": 2}
+        _, _, body = await post(http, fake.url + "/v1/responses", resp)
+        usage = json.loads(body)["usage"]
+        assert (usage["input_tokens"], usage["output_tokens"]) == (20, 2)
+        emb = {"model": "all-minilm", "input": ["a" * 40, "b" * 40]}
+        _, _, body = await post(http, fake.url + "/api/embed", emb)
+        assert json.loads(body)["prompt_eval_count"] == 20
+    async with fake_ollama(chunks=40) as fake:  # off: the fixed usage as before
+        _, _, body = await post(http, fake.url + "/api/generate", gen("x" * 400, num_predict=7))
+        final = json.loads(body.splitlines()[-1])
+        assert (final["prompt_eval_count"], final["eval_count"]) == (26, 10)
