@@ -38,6 +38,7 @@ from gateway.policy.cors import add_cors_headers
 from gateway.policy.middleware import authorise_stage, canonical_path_stage, cors_stage
 from gateway.relay import relay, upstream_headers
 from gateway.scheduler import FairScheduler
+from gateway.scheduler.slots import build_slot_store
 from gateway.scheduler.stage import queue_stage
 from gateway.state import GatewayState, StateHolder
 from gateway.upstream_client import UpstreamPool
@@ -92,8 +93,14 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
             pool.close()
 
 
+def _reconfigure(scheduler: FairScheduler, state: GatewayState) -> None:
+    scheduler.fail_open = state.config.rate_limits.on_store_error == "allow"
+    scheduler.reconfigure(state.scheduling)
+
+
 async def _limiter(app: web.Application) -> AsyncIterator[None]:
     yield
+    await app[SCHEDULER].close()  # pumps, then the shared slot store's connections
     await app[LIMITER].close()  # lets in-flight releases land, then drops Redis connections
 
 
@@ -125,8 +132,16 @@ def create_app(config: GatewayConfig, **deps: Any) -> web.Application:
     app[LIMITER] = build_limiter(config.rate_limits, clock=deps.get("clock"))
     app[LIMITER].on_store_error.append(metrics.rate_limit_store_error)
     # Created once per app like the limiter: queues and counters survive reloads.
-    app[SCHEDULER] = scheduler = FairScheduler(app[STATE].current.scheduling)
-    app[STATE].on_swap.append(lambda state: scheduler.reconfigure(state.scheduling))
+    # With a Redis store, the slots are shared by every replica (leases; `slot_lease`
+    # seconds, injectable for tests) and `on_store_error` decides when Redis is down.
+    slot_store = build_slot_store(config.rate_limits, lease_seconds=deps.get("slot_lease"))
+    slot_store.on_store_error.append(metrics.rate_limit_store_error)
+    app[SCHEDULER] = scheduler = FairScheduler(
+        app[STATE].current.scheduling,
+        store=slot_store,
+        fail_open=config.rate_limits.on_store_error == "allow",
+    )
+    app[STATE].on_swap.append(lambda state: _reconfigure(scheduler, state))
     observers.append(QueueMetrics(metrics, scheduler).observe)
     app.cleanup_ctx.append(_limiter)
     app.on_cleanup.append(close_authenticator)  # hashing threads + JWKS session

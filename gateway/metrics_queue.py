@@ -21,7 +21,11 @@ if TYPE_CHECKING:
     from gateway.scheduler import FairScheduler
 
 WAIT_OUTCOMES = frozenset({"dispatched", "timeout", "client_gone"})
-REJECTIONS = {"user_queue_full": "user_queue_full", "queue_full": "queue_full"}
+REJECTIONS = {
+    "user_queue_full": "user_queue_full",
+    "queue_full": "queue_full",
+    "slot_store": "slot_store",
+}
 
 
 class _SchedulerCollector(Collector):
@@ -82,7 +86,8 @@ class QueueMetrics:
         )
         self.rejections = Counter(
             "ollama_gateway_queue_rejections",
-            "Requests the queue refused, by reason (user_queue_full, queue_full, timeout).",
+            "Requests the queue refused, by reason (user_queue_full, queue_full, timeout, "
+            "slot_store).",
             ("reason",),
             registry=registry,
         )

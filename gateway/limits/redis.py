@@ -31,11 +31,24 @@ KEY_PREFIX = "ogw:"
 STORE_ERRORS = (RedisError, OSError, TimeoutError)
 
 
+def connect(url: str) -> aioredis.Redis:
+    """A client for the shared store (limits and the scheduler's slots use the same setup)."""
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=SOCKET_TIMEOUT,
+        socket_connect_timeout=SOCKET_TIMEOUT,
+        # One immediate retry on a fresh connection (a pooled one may be stale after a
+        # Redis restart); never a backoff that would hold requests for seconds.
+        retry=Retry(NoBackoff(), 1),
+        health_check_interval=0,
+    )
+
+
 def _num(value: float | int | None) -> str:
     return "" if value is None else repr(float(value))
 
 
-def _text(value: Any) -> str:
+def text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -47,15 +60,7 @@ class RedisLimiter(StoreHealth):
         super().__init__()
         self.url = url
         self.clock = clock  # None: the Redis server's clock (shared by all replicas)
-        self.client: aioredis.Redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=SOCKET_TIMEOUT,
-            socket_connect_timeout=SOCKET_TIMEOUT,
-            # One immediate retry on a fresh connection (a pooled one may be stale after a
-            # Redis restart); never a backoff that would hold requests for seconds.
-            retry=Retry(NoBackoff(), 1),
-            health_check_interval=0,
-        )
+        self.client = connect(url)
         self._admit = self.client.register_script(ADMIT)
         self._finish = self.client.register_script(FINISH)
         self._renew = self.client.register_script(RENEW)
@@ -89,11 +94,11 @@ class RedisLimiter(StoreHealth):
             raise StoreUnavailable(str(error)) from error
         self.succeeded()
         admitted = int(reply[0]) == 1
-        now = float(_text(reply[1]))
+        now = float(text(reply[1]))
         state = State(
-            rpm_tat=float(_text(reply[2])),
-            tpm_tat=float(_text(reply[3])),
-            tpd_tat=float(_text(reply[4])),
+            rpm_tat=float(text(reply[2])),
+            tpm_tat=float(text(reply[3])),
+            tpd_tat=float(text(reply[4])),
             inflight=int(reply[5]),
         )
         # The script decided; the same arithmetic here only describes the decision.

@@ -13,7 +13,7 @@ Keys (one principal; the {hash tag} keeps both in one cluster slot):
 
 from __future__ import annotations
 
-_PRELUDE = """
+PRELUDE = """
 local function fmt(x) return string.format('%.17g', x) end
 local function clock(arg)
   local now = tonumber(arg)
@@ -35,7 +35,7 @@ end
 #       tokens/minute limit, minute, tokens/day limit, day   ('' = limit not set)
 # -> {admitted 0|1, now, r, m, d, inflight}   (the state *before* this admission)
 ADMIT = (
-    _PRELUDE
+    PRELUDE
     + """
 local now = clock(ARGV[1])
 local st = redis.call('HMGET', KEYS[1], 'r', 'm', 'd')
@@ -76,7 +76,7 @@ return {ok and 1 or 0, fmt(now), fmt(r), fmt(m), fmt(d), inflight}
 # ARGV: now, lease ('' = held no slot), tokens, tokens/minute limit, minute,
 #       tokens/day limit, day
 FINISH = (
-    _PRELUDE
+    PRELUDE
     + """
 if ARGV[2] ~= '' then redis.call('ZREM', KEYS[2], ARGV[2]) end
 local tokens = tonumber(ARGV[3])
@@ -104,7 +104,7 @@ return 1
 # KEYS[1] = leases zset. ARGV: now, lease, lease ttl. A lease that already expired (and
 # may have been handed to someone else) is not brought back.
 RENEW = (
-    _PRELUDE
+    PRELUDE
     + """
 local now = clock(ARGV[1])
 local ttl = tonumber(ARGV[3])

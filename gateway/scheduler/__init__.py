@@ -4,6 +4,7 @@
 `estimate` a request's token estimate, `stage` the pipeline stage that asks for a slot.
 """
 
-from gateway.scheduler.core import FairScheduler, Grant, QueueRejected, SlotKey, Ticket
+from gateway.scheduler.core import FairScheduler, Grant, QueueRejected, Ticket
+from gateway.scheduler.slots import SlotKey
 
 __all__ = ["FairScheduler", "Grant", "QueueRejected", "SlotKey", "Ticket"]

@@ -16,19 +16,32 @@ free it waits, and when a slot frees the next request is chosen:
 - one user's own requests for one model go in arrival order.
 
 The fast path (a free slot, nobody waiting) creates no future and no timer.
+
+With a remote `SlotStore` (Redis: several replicas share the slots) the queue stays local
+and fair, but a free slot by the local count is only a chance: the chosen waiter must also
+win a lease from the store. Each pool with waiters then has a pump task that takes leases
+(retrying every POLL_SECONDS while the store says full, or at once on a local release)
+and the users' counters mirror the store's, so a user is charged the same everywhere.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import math
+import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-SlotKey = tuple[str, str]  # (upstream name, normalised model name)
+from gateway.limits import StoreUnavailable
+from gateway.scheduler.slots import LocalSlots, SlotKey, SlotStore
+
+log = logging.getLogger("gateway.scheduler")
+
 Clock = Callable[[], float]
 
 DEFAULT_SERVICE_SECONDS = 5.0  # Retry-After estimates before any request has finished
@@ -36,6 +49,8 @@ SERVICE_SMOOTHING = 0.2  # weight of the newest service time in the moving avera
 MAX_IDLE_USERS = 100_000  # counters kept for users with nothing waiting or running
 MIN_RETRY_AFTER = 1
 MAX_RETRY_AFTER = 3600
+POLL_SECONDS = (0.05, 0.1)  # a remote store said full: retry after a random pause in this range
+STORE_DOWN_RETRY_AFTER = 1
 
 
 class SchedulingPolicy(Protocol):
@@ -67,8 +82,9 @@ class Ticket:
 class QueueRejected(Exception):
     """The request cannot wait: the user's queue or the whole queue is full, or it timed out.
 
-    `reason` is `user_queue_full`, `queue_full` or `timeout`; `retry_after` is an honest
-    estimate in whole seconds of when a retry could be served.
+    `reason` is `user_queue_full`, `queue_full`, `timeout` or `slot_store` (the shared slot
+    store is unreachable and `on_store_error` is deny); `retry_after` is an honest estimate
+    in whole seconds of when a retry could be served.
     """
 
     def __init__(self, reason: str, retry_after: int, waited: float = 0.0) -> None:
@@ -87,6 +103,7 @@ class _User:
     waiting: int = 0  # requests waiting, all models
     running: int = 0  # slots held, all models
     last_dispatch: int = 0  # breaks ties between equal counters: least recently served first
+    syncing: int = 0  # counter updates on their way to a remote store
 
 
 @dataclass(slots=True, eq=False)
@@ -109,12 +126,23 @@ class _Pool:
     waiting: int = 0
     queues: dict[str, deque[_Waiter]] = field(default_factory=dict)
     service_seconds: float = DEFAULT_SERVICE_SECONDS  # moving average, for Retry-After
+    pump: asyncio.Task[None] | None = None  # remote store only: takes leases for waiters
+    wake: asyncio.Event | None = None  # remote store only: a local release, a new waiter
 
 
 class Grant:
     """A slot held by one request; `release` gives it back exactly once."""
 
-    __slots__ = ("_scheduler", "_pool", "_user", "_ticket", "_charged", "started", "waited")
+    __slots__ = (
+        "_scheduler",
+        "_pool",
+        "_user",
+        "_ticket",
+        "_charged",
+        "_holder",
+        "started",
+        "waited",
+    )
 
     def __init__(
         self,
@@ -125,12 +153,14 @@ class Grant:
         charged: float,
         started: float,
         waited: float,
+        holder: str | None = None,
     ) -> None:
         self._scheduler = scheduler
         self._pool: _Pool | None = pool
         self._user = user
         self._ticket = ticket
         self._charged = charged
+        self._holder = holder  # the remote store's lease (None: a local slot)
         self.started = started
         self.waited = waited  # seconds spent in the queue
 
@@ -153,9 +183,22 @@ class Grant:
 class FairScheduler:
     """Slots and fair queues for every (upstream, model); one per app, kept across reloads."""
 
-    def __init__(self, policy: SchedulingPolicy, *, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self,
+        policy: SchedulingPolicy,
+        *,
+        clock: Clock = time.monotonic,
+        store: SlotStore | None = None,
+        fail_open: bool = False,
+    ) -> None:
         self.policy = policy
         self._clock = clock
+        self.store: SlotStore = store if store is not None else LocalSlots()
+        self._remote = self.store.remote
+        # A remote store that cannot answer: True hands out local slots, False refuses (503).
+        self.fail_open = fail_open
+        self._dispatch = self._kick if self._remote else self._pump
+        self._background: set[asyncio.Task[None]] = set()
         self._pools: dict[SlotKey, _Pool] = {}
         self._users: dict[str, _User] = {}
         self._backlogged: set[str] = set()  # users with at least one request waiting
@@ -174,7 +217,7 @@ class FairScheduler:
         pool = self._pool(ticket.key)
         user = self._user(ticket)
         capacity = self.policy.slots_for(ticket.key)
-        if capacity == 0 or (pool.waiting == 0 and pool.in_use < capacity):
+        if capacity == 0 or (pool.waiting == 0 and pool.in_use < capacity and not self._remote):
             return self._grant(pool, user, ticket, waited=0.0)
         policy = self.policy
         if user.waiting >= policy.max_queue_per_user:
@@ -182,6 +225,8 @@ class FairScheduler:
         if self.waiting_total >= policy.max_queue:
             raise QueueRejected("queue_full", self._retry_after(pool, pool.waiting))
         waiter = self._enqueue(pool, user, ticket)
+        if self._remote:
+            self._kick(pool)
         try:
             return await waiter.future
         except asyncio.CancelledError:
@@ -196,7 +241,16 @@ class FairScheduler:
             user = self._users[name]
             user.weight, user.priority = policy.share_of(name, user.roles)
         for pool in list(self._pools.values()):
-            self._pump(pool)
+            self._dispatch(pool)
+
+    async def close(self) -> None:
+        """Stop the pumps and the store (leases still held expire on their own)."""
+        for pool in self._pools.values():
+            if pool.pump is not None:
+                pool.pump.cancel()
+        if self._background:
+            await asyncio.wait(self._background, timeout=2.0)
+        await self.store.close()
 
     # --- what metrics and Retry-After read --------------------------------------------------
 
@@ -282,7 +336,7 @@ class FairScheduler:
         give it back untouched (Ollama never sees the request)."""
         if waiter.queued:
             self._unqueue(pool, waiter)
-            self._pump(pool)  # it may have blocked nobody, but keep the invariant simple
+            self._dispatch(pool)  # it may have blocked nobody, but keep the invariant simple
         elif (
             waiter.future.done()
             and not waiter.future.cancelled()
@@ -325,15 +379,22 @@ class FairScheduler:
             )
             waiter.future.set_result(grant)
 
-    def _grant(self, pool: _Pool, user: _User, ticket: Ticket, *, waited: float) -> Grant:
+    def _grant(
+        self, pool: _Pool, user: _User, ticket: Ticket, *, waited: float, holder: str | None = None
+    ) -> Grant:
         pool.in_use += 1
         user.running += 1
         self._dispatches += 1
         user.last_dispatch = self._dispatches
         self.virtual_time = max(self.virtual_time, user.counter)
         charged = ticket.estimate / user.weight
+        if self._remote:
+            # The lift to the waiting level travels with the charge, unless an earlier update
+            # is still on its way (it would be counted twice).
+            floor = user.counter if user.syncing == 0 else None
+            self._sync(user, self.store.charge(ticket.user, charged, floor))
         user.counter += charged
-        return Grant(self, pool, user, ticket, charged, self._clock(), waited)
+        return Grant(self, pool, user, ticket, charged, self._clock(), waited, holder)
 
     def _release(
         self,
@@ -346,13 +407,134 @@ class FairScheduler:
     ) -> None:
         pool.in_use -= 1
         user.running -= 1
+        delta = 0.0
         if tokens is not None and tokens != ticket.estimate:
             # Reconcile with what Ollama reported: the counter reflects real tokens.
-            user.counter += tokens / user.weight - charged
+            delta = tokens / user.weight - charged
+            user.counter += delta
         if tokens != 0:
             served = self._clock() - grant.started
             pool.service_seconds += SERVICE_SMOOTHING * (served - pool.service_seconds)
-        self._pump(pool)
+        if not self._remote:
+            self._pump(pool)
+        elif grant._holder is not None:  # the pump retakes once the lease is back
+            self._sync(user, self.store.give(pool.key, grant._holder, ticket.user, delta), pool)
+        else:  # a local slot (the store was down): nothing to give back
+            if delta:
+                self._sync(user, self.store.charge(ticket.user, delta, None))
+            self._kick(pool)
+
+    # --- a remote slot store ----------------------------------------------------------------
+
+    def _kick(self, pool: _Pool) -> None:
+        """Wake the pool's pump, or start one if it has waiters and none runs."""
+        if pool.wake is None:
+            pool.wake = asyncio.Event()
+        pool.wake.set()
+        if pool.waiting and (pool.pump is None or pool.pump.done()):
+            pool.pump = asyncio.get_running_loop().create_task(self._remote_pump(pool))
+
+    async def _remote_pump(self, pool: _Pool) -> None:
+        """While `pool` has waiters: when the local count allows, win a lease from the store
+        and hand it to the fairest waiter; when the store says full, retry after a pause."""
+        assert pool.wake is not None
+        wake = pool.wake
+        while pool.waiting:
+            wake.clear()  # any release or arrival from now on wakes the pauses below
+            capacity = self.policy.slots_for(pool.key)
+            if capacity == 0:  # a reload turned the queue off
+                self._pump(pool)
+                continue
+            if pool.in_use >= capacity:
+                await wake.wait()  # only a local release can help
+                continue
+            try:
+                taken = await self.store.take(pool.key, capacity, list(pool.queues))
+            except StoreUnavailable:
+                if not self.fail_open:
+                    self._refuse_all(pool)
+                    continue
+                holder = None  # fall back to a local slot
+            except Exception:
+                log.exception("slot store failed; refusing the waiters of %s", pool.key)
+                self._refuse_all(pool)
+                continue
+            else:
+                holder = taken.holder
+                self._mirror_waiting(taken.counters)
+                if holder is None:
+                    await self._pause(wake, random.uniform(*POLL_SECONDS))
+                    continue
+            waiter = self._next_waiter(pool)
+            if waiter is None:  # everyone left meanwhile
+                if holder is not None:
+                    self._sync(None, self.store.give(pool.key, holder, "", 0.0))
+                continue
+            grant = self._grant(
+                pool,
+                waiter.user,
+                waiter.ticket,
+                waited=self._clock() - waiter.enqueued,
+                holder=holder,
+            )
+            waiter.future.set_result(grant)
+
+    @staticmethod
+    async def _pause(wake: asyncio.Event, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), seconds)
+
+    def _next_waiter(self, pool: _Pool) -> _Waiter | None:
+        while True:
+            waiter = self._pick(pool)
+            if waiter is None:
+                return None
+            self._unqueue(pool, waiter)
+            if not waiter.future.done():
+                return waiter
+
+    def _refuse_all(self, pool: _Pool) -> None:
+        """The store is down and `on_store_error` is deny: every waiter of `pool` gets 503."""
+        now = self._clock()
+        for queue in list(pool.queues.values()):
+            for waiter in list(queue):
+                self._unqueue(pool, waiter)
+                if not waiter.future.done():
+                    waiter.future.set_exception(
+                        QueueRejected("slot_store", STORE_DOWN_RETRY_AFTER, now - waiter.enqueued)
+                    )
+
+    def _mirror_waiting(self, counters: dict[str, float]) -> None:
+        """Counters of waiting users as the store has them (charges on other replicas)."""
+        for name, value in counters.items():
+            user = self._users.get(name)
+            if user is not None and user.syncing == 0 and value > user.counter:
+                user.counter = value
+
+    def _sync(
+        self, user: _User | None, update: Awaitable[float | None], pool: _Pool | None = None
+    ) -> None:
+        """Run a store update in the background; the user's counter then mirrors the store's
+        (unless another update is still on its way); a release then wakes the pool's pump."""
+        if user is not None:
+            user.syncing += 1
+        task = asyncio.ensure_future(self._synced(user, update, pool))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _synced(
+        self, user: _User | None, update: Awaitable[float | None], pool: _Pool | None
+    ) -> None:
+        value = None
+        try:
+            value = await update
+        finally:
+            if user is not None:
+                user.syncing -= 1
+                if value is not None and user.syncing == 0:
+                    user.counter = value
+            if pool is not None:
+                self._kick(pool)
 
     def _retry_after(self, pool: _Pool, ahead: int) -> int:
         """Seconds until `ahead` waiters have been served, from recent service times."""

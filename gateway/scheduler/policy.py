@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from gateway.config import GatewayConfig, UpstreamConfig
 from gateway.policy.models import is_cloud, normalise_glob
-from gateway.scheduler.core import SlotKey
+from gateway.scheduler.slots import SlotKey
 
 DEFAULT_UPSTREAM = "default"  # the name of the one server of `upstream:`
 

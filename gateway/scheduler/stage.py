@@ -98,6 +98,10 @@ def _refusal(rejected: QueueRejected, model: str) -> GatewayError:
         return ServiceUnavailable(
             "the gateway's queue is full; retry later", reason="queue_full", headers=headers
         )
+    if rejected.reason == "slot_store":  # Redis down and `on_store_error: deny`
+        return ServiceUnavailable(
+            "slot store unavailable; retry later", reason="slot_store", headers=headers
+        )
     return ServiceUnavailable(
         f"waited {rejected.waited:.0f} s for a slot of model {model[:200]}; retry later",
         reason="queue_timeout",

@@ -1,0 +1,182 @@
+"""Slots shared through a real redis-server: replicas together never exceed a model's slots.
+
+Two gateway processes (or two apps) on one Redis in front of one fake Ollama. The fake runs
+more requests at once than the gateway's slots (`parallel=8` against `slots: 2`), so its
+`max_running` shows exactly how many the replicas let through together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.keys import SCHEDULER
+from gateway.scheduler.policy import DEFAULT_UPSTREAM
+from gateway.scheduler.redis_slots import LEASE_ENV, holders_key
+from tests.auth_support import FAST_BCRYPT, basic
+from tests.conftest import GatewayFactory, GatewayProcess, gateway_process, until
+from tests.fake_ollama import FakeOllama
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.redis
+
+MODEL = "llama3.2:latest"
+USERS = {name: basic(name, "pw") for name in ("alice", "bob")}
+STREAM = {"model": "llama3.2", "prompt": "hi"}
+GENERATE = {"model": "llama3.2", "prompt": "hi", "stream": False}
+SLOTS = 2
+HOLDERS = holders_key((DEFAULT_UPSTREAM, MODEL))
+COUNTERS = "ogw:{sched}:vtc"
+
+
+def config(fake: FakeOllama, store: str, **rate_limits: Any) -> dict[str, Any]:
+    password = FAST_BCRYPT.hash("pw")
+    return {
+        "listen": "127.0.0.1:0",
+        "upstream": {"url": fake.url, "slots": SLOTS},
+        "shutdown_grace": 2,
+        "auth": {"users": {name: {"password": password, "roles": ["user"]} for name in USERS}},
+        # No limits: the admit stage never asks Redis, only the queue stage does.
+        "roles": {"user": {"models": ["*"]}, "admin": {"models": ["*"]}},
+        "rate_limits": {"store": store, **rate_limits},
+    }
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeOllama]:
+    server = await FakeOllama(parallel=8, chunk_delay=0.02).start()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+Serve = Callable[..., Awaitable[GatewayProcess]]
+
+
+@pytest.fixture
+async def serve(tmp_path: Path) -> AsyncIterator[Serve]:
+    """serve(config, env=...) -> a real `python -m gateway serve` process."""
+    async with contextlib.AsyncExitStack() as processes:
+
+        async def start(cfg: dict[str, Any], env: dict[str, str] | None = None) -> GatewayProcess:
+            return await processes.enter_async_context(gateway_process(cfg, tmp_path, env=env))
+
+        yield start
+
+
+async def generate(http: aiohttp.ClientSession, url: str, user: str, body: Any = STREAM) -> int:
+    """One request read to its end: its status (a stream must end with done: true)."""
+    async with http.post(url + "/api/generate", json=body, headers=USERS[user]) as response:
+        raw = await response.read()
+        if response.status == 200:
+            assert json.loads(raw.splitlines()[-1])["done"] is True
+        return response.status
+
+
+def holders(redis: RedisServer) -> int:
+    reply = redis.command("ZCARD", HOLDERS)
+    return int(reply.strip().lstrip(b":"))
+
+
+def shared_counter(redis: RedisServer, user: str) -> float:
+    reply = redis.command("HGET", COUNTERS, user).split(b"\r\n")
+    return float(reply[1]) if reply[0] != b"$-1" else 0.0
+
+
+async def test_two_gateway_processes_never_exceed_the_slots_together(
+    redis_server: RedisServer, fake: FakeOllama, serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    cfg = config(fake, redis_server.url)
+    one, two = await asyncio.gather(serve(cfg), serve(cfg))
+    calls = [generate(http, (one, two)[i % 2].url, ("alice", "bob")[i // 2 % 2]) for i in range(12)]
+    assert await asyncio.gather(*calls) == [200] * 12
+    assert len(fake.requests_to("/api/generate")) == 12
+    assert fake.max_running[MODEL] == SLOTS  # each alone would have let 2 in: 4
+    await until(lambda: holders(redis_server) == 0)  # every lease given back
+
+
+async def test_a_killed_replica_frees_its_slots_when_their_leases_end(
+    redis_server: RedisServer, fake: FakeOllama, serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    cfg = config(fake, redis_server.url)
+    env = {LEASE_ENV: "1"}  # renewed every 1/3 s
+    one, two = await asyncio.gather(serve(cfg, env), serve(cfg, env))
+    fake.hang_after_chunks = 1
+    held = [await http.post(one.url + "/api/generate", json=STREAM, headers=USERS["alice"])]
+    held.append(await http.post(one.url + "/api/generate", json=STREAM, headers=USERS["bob"]))
+    await fake.wait_for(lambda: fake.running(MODEL) == SLOTS)
+    await asyncio.sleep(1.0)  # the leases have been renewed past their first expiry
+    assert holders(redis_server) == SLOTS
+    await one.kill()  # SIGKILL: nothing released; the fake sees its clients gone
+    for response in held:
+        response.close()
+    await fake.wait_for(lambda: fake.running(MODEL) == 0)
+    fake.hang_after_chunks = None
+    killed = time.monotonic()
+    assert await generate(http, two.url, "alice") == 200
+    waited = time.monotonic() - killed
+    # The dead replica's last renewal was at most 1/3 s before its death.
+    assert 0.5 <= waited < 5
+    assert fake.max_running[MODEL] == SLOTS
+    assert len(fake.requests_to("/api/generate")) == 3
+
+
+async def test_counters_are_the_same_on_every_replica(
+    redis_server: RedisServer,
+    fake: FakeOllama,
+    gateway_factory: GatewayFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    cfg = config(fake, redis_server.url)
+    one, two = await gateway_factory(cfg), await gateway_factory(cfg)
+    used = sum(fake.usage)  # prompt + completion tokens the fake reports
+    expected = 0.0
+    for gw in (one, two, two, one):
+        assert await generate(http, gw.url, "alice", GENERATE) == 200
+        expected += used
+        scheduler = gw.app[SCHEDULER]
+        await until(lambda s=scheduler, e=expected: s.counter("alice") == e)  # type: ignore[misc]
+        assert shared_counter(redis_server, "alice") == expected
+    assert shared_counter(redis_server, "bob") == 0.0
+
+
+async def test_redis_down_with_allow_falls_back_to_local_slots(
+    own_redis: RedisServer,
+    fake: FakeOllama,
+    gateway_factory: GatewayFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    gw = await gateway_factory(config(fake, own_redis.url, on_store_error="allow"))
+    assert await generate(http, gw.url, "alice") == 200
+    await asyncio.to_thread(own_redis.stop)
+    calls = [generate(http, gw.url, ("alice", "bob")[i % 2]) for i in range(6)]
+    assert await asyncio.gather(*calls) == [200] * 6
+    assert fake.max_running[MODEL] == SLOTS  # the local slots still hold
+    assert gw.app[SCHEDULER].store.on_store_error  # counted as a store error (metrics)
+
+
+async def test_redis_down_with_deny_answers_503_then_recovers(
+    own_redis: RedisServer,
+    fake: FakeOllama,
+    gateway_factory: GatewayFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    gw = await gateway_factory(config(fake, own_redis.url, on_store_error="deny"))
+    assert await generate(http, gw.url, "alice") == 200
+    await asyncio.to_thread(own_redis.stop)
+    async with http.post(gw.url + "/api/generate", json=STREAM, headers=USERS["bob"]) as denied:
+        assert denied.status == 503
+        assert denied.headers["Retry-After"] == "1"
+        assert await denied.json() == {"error": "slot store unavailable; retry later"}
+    assert len(fake.requests_to("/api/generate")) == 1  # Ollama never saw it
+    await asyncio.to_thread(own_redis.start)
+    assert await generate(http, gw.url, "bob") == 200
