@@ -20,7 +20,7 @@ import pytest
 
 from gateway.keys import SCHEDULER
 from gateway.scheduler.policy import DEFAULT_UPSTREAM
-from gateway.scheduler.redis_slots import LEASE_ENV, holders_key
+from gateway.scheduler.redis_slots import LEASE_ENV, holders_key, line_keys
 from tests.auth_support import FAST_BCRYPT, basic
 from tests.conftest import GatewayFactory, GatewayProcess, gateway_process, until
 from tests.fake_ollama import FakeOllama
@@ -87,6 +87,11 @@ def holders(redis: RedisServer) -> int:
     return int(reply.strip().lstrip(b":"))
 
 
+def in_line(redis: RedisServer) -> int:
+    reply = redis.command("ZCARD", line_keys((DEFAULT_UPSTREAM, MODEL))[0])
+    return int(reply.strip().lstrip(b":"))
+
+
 def shared_counter(redis: RedisServer, user: str) -> float:
     reply = redis.command("HGET", COUNTERS, user).split(b"\r\n")
     return float(reply[1]) if reply[0] != b"$-1" else 0.0
@@ -102,6 +107,37 @@ async def test_two_gateway_processes_never_exceed_the_slots_together(
     assert len(fake.requests_to("/api/generate")) == 12
     assert fake.max_running[MODEL] == SLOTS  # each alone would have let 2 in: 4
     await until(lambda: holders(redis_server) == 0)  # every lease given back
+
+
+async def test_the_slot_goes_round_the_replicas_with_waiters(
+    redis_server: RedisServer,
+    fake: FakeOllama,
+    gateway_factory: GatewayFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    """A replica that releases a slot cannot take it straight back while another waits."""
+    cfg = config(fake, redis_server.url)
+    cfg["upstream"]["slots"] = 1
+    one, two = await gateway_factory(cfg), await gateway_factory(cfg)
+    fake.hang_after_chunks = 1
+    first = await http.post(one.url + "/api/generate", json=STREAM, headers=USERS["alice"])
+    await fake.wait_for(lambda: fake.running(MODEL) == 1)
+
+    def call(gw: Any, user: str, i: int) -> Awaitable[int]:
+        body = {**STREAM, "prompt": f"{user}-{i}"}
+        return generate(http, gw.url, user, body)
+
+    calls = [asyncio.ensure_future(call(one, "alice", i)) for i in range(4)]
+    await until(lambda: one.app[SCHEDULER].waiting_total == 4)
+    calls += [asyncio.ensure_future(call(two, "bob", i)) for i in range(4)]
+    await until(lambda: two.app[SCHEDULER].waiting_total == 4)
+    await until(lambda: in_line(redis_server) == 1)  # two asked (one waits on its own slot)
+    fake.resume()
+    first.close()
+    assert await asyncio.gather(*calls) == [200] * 8
+    order = [g.request.json["prompt"].split("-")[0] for g in fake.grants[1:]]
+    assert order == ["bob", "alice"] * 4
+    assert fake.max_running[MODEL] == 1
 
 
 async def test_a_killed_replica_frees_its_slots_when_their_leases_end(

@@ -245,9 +245,10 @@ class FairScheduler:
 
     async def close(self) -> None:
         """Stop the pumps and the store (leases still held expire on their own)."""
-        for pool in self._pools.values():
-            if pool.pump is not None:
-                pool.pump.cancel()
+        pumps = [pool.pump for pool in self._pools.values() if pool.pump is not None]
+        for pump in pumps:
+            pump.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)  # their `leave` is sent
         if self._background:
             await asyncio.wait(self._background, timeout=2.0)
         await self.store.close()
@@ -436,9 +437,16 @@ class FairScheduler:
 
     async def _remote_pump(self, pool: _Pool) -> None:
         """While `pool` has waiters: when the local count allows, win a lease from the store
-        and hand it to the fairest waiter; when the store says full, retry after a pause."""
+        and hand it to the fairest waiter; when the store says full, retry after a pause.
+        Without waiters, it leaves the store's line of replicas and ends."""
         assert pool.wake is not None
         wake = pool.wake
+        try:
+            await self._take_for_waiters(pool, wake)
+        finally:
+            self._sync(None, self.store.leave(pool.key))
+
+    async def _take_for_waiters(self, pool: _Pool, wake: asyncio.Event) -> None:
         while pool.waiting:
             wake.clear()  # any release or arrival from now on wakes the pauses below
             capacity = self.policy.slots_for(pool.key)

@@ -8,6 +8,13 @@ of the lease, so the slots of a replica that died free themselves when their lea
 Overshoot is harmless (Ollama queues the extra): this is an efficiency lock, not a
 correctness lock, and a lease that expired under a live request is not brought back.
 
+Replicas that want a slot of a key stand in a line (a sorted set, by when they joined or
+were last served): when k slots are free only the first k of the line may take one, and a
+replica that took one goes to the back. So a replica that releases a slot cannot take it
+straight back while another waits: the slots go round the replicas with waiters. A replica
+stays in the line while it polls (every POLL_SECONDS) and leaves it when its waiters are
+gone; one that stopped polling for STALE_SECONDS (it died) is dropped.
+
 The virtual token counters are one hash, so a user is charged the same on every replica.
 Every key shares the hash tag `{sched}` (one Redis Cluster slot: the scripts touch several).
 """
@@ -31,6 +38,7 @@ LEASE_SECONDS = 30.0  # a dead replica's slots outlive it by at most this; renew
 LEASE_ENV = "OLLAMA_GATEWAY_SLOT_LEASE"  # overrides LEASE_SECONDS (tests kill replicas)
 COUNTERS_TTL = 86_400  # the counters hash expires a day after the last charge
 MAX_USERS_REFRESHED = 64  # counters read back per take
+STALE_SECONDS = 1.0  # a replica in the line that has not polled for this long is dropped
 
 _COUNTERS = f"{KEY_PREFIX}{{sched}}:vtc"
 
@@ -46,26 +54,48 @@ local function charge(key, user, floor, delta)
 end
 """
 
-# KEYS[1] holders zset, KEYS[2] counters hash.
-# ARGV: holder, capacity, lease ttl, users to read back..., counters ttl (unused here)
+# KEYS[1] holders zset, KEYS[2] counters hash, KEYS[3] line zset (replica -> turn),
+# KEYS[4] zset replica -> last poll.
+# ARGV: replica, holder, capacity, lease ttl, stale seconds, users to read back...,
+#       counters ttl (unused here)
 # -> {taken 0|1, {counter or false per user}}
 TAKE = (
     PRELUDE
     + """
 local now = clock('')
+local replica = ARGV[1]
+local ttl = tonumber(ARGV[4])
+local keep = math.ceil(ttl * 1000) + 1000
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', fmt(now))
+local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', fmt(now - tonumber(ARGV[5])))
+for _, r in ipairs(gone) do
+  redis.call('ZREM', KEYS[3], r)
+  redis.call('ZREM', KEYS[4], r)
+end
+redis.call('ZADD', KEYS[3], 'NX', fmt(now), replica)
+redis.call('ZADD', KEYS[4], fmt(now), replica)
+redis.call('PEXPIRE', KEYS[3], keep)
+redis.call('PEXPIRE', KEYS[4], keep)
 local taken = 0
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
-  local ttl = tonumber(ARGV[3])
-  redis.call('ZADD', KEYS[1], fmt(now + ttl), ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], math.ceil(ttl * 1000) + 1000)
+local free = tonumber(ARGV[3]) - redis.call('ZCARD', KEYS[1])
+if free > 0 and redis.call('ZRANK', KEYS[3], replica) < free then
+  redis.call('ZADD', KEYS[1], fmt(now + ttl), ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], keep)
+  redis.call('ZADD', KEYS[3], 'XX', fmt(now), replica)  -- to the back of the line
   taken = 1
 end
 local counters = {}
-if #ARGV > 4 then counters = redis.call('HMGET', KEYS[2], unpack(ARGV, 4, #ARGV - 1)) end
+if #ARGV > 6 then counters = redis.call('HMGET', KEYS[2], unpack(ARGV, 6, #ARGV - 1)) end
 return {taken, counters}
 """
 )
+
+# KEYS[1] line zset, KEYS[2] last-poll zset. ARGV: replica (it has no waiters left)
+LEAVE = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 0
+"""
 
 # KEYS[1] holders zset, KEYS[2] counters hash. ARGV: holder, user ('' = no charge), delta,
 # counters ttl -> the user's counter after (or false)
@@ -104,6 +134,15 @@ def holders_key(key: SlotKey) -> str:
     return f"{KEY_PREFIX}{{sched}}:slots:{upstream}:{model}"
 
 
+def line_keys(key: SlotKey) -> list[str]:
+    """The line of replicas waiting for `key`, and when each last polled."""
+    upstream, model = key
+    return [
+        f"{KEY_PREFIX}{{sched}}:line:{upstream}:{model}",
+        f"{KEY_PREFIX}{{sched}}:seen:{upstream}:{model}",
+    ]
+
+
 def lease_seconds_default() -> float:
     value = os.environ.get(LEASE_ENV)
     return float(value) if value else LEASE_SECONDS
@@ -122,6 +161,8 @@ class RedisSlots(StoreHealth):
         self._give = self.client.register_script(GIVE)
         self._charge = self.client.register_script(CHARGE)
         self._renew = self.client.register_script(RENEW_ALL)
+        self._leave = self.client.register_script(LEAVE)
+        self.replica = os.urandom(8).hex()  # this replica's place in the lines
         self.held: dict[str, str] = {}  # holder -> its zset, for the heartbeat
         self._heartbeat: asyncio.Task[None] | None = None
 
@@ -129,9 +170,18 @@ class RedisSlots(StoreHealth):
         holder = next_lease_id()
         zset = holders_key(key)
         asked = list(users[:MAX_USERS_REFRESHED])
-        args = [holder, str(capacity), repr(self.lease_seconds), *asked, str(COUNTERS_TTL)]
+        args = [
+            self.replica,
+            holder,
+            str(capacity),
+            repr(self.lease_seconds),
+            repr(STALE_SECONDS),
+            *asked,
+            str(COUNTERS_TTL),
+        ]
+        keys = [zset, _COUNTERS, *line_keys(key)]
         try:
-            taken, counters = await self._take(keys=[zset, _COUNTERS], args=args)
+            taken, counters = await self._take(keys=keys, args=args)
         except STORE_ERRORS as error:
             self.failed(error)
             raise StoreUnavailable(str(error)) from error
@@ -154,6 +204,14 @@ class RedisSlots(StoreHealth):
             return None
         self.succeeded()
         return None if value is None else float(text(value))
+
+    async def leave(self, key: SlotKey) -> None:
+        try:
+            await self._leave(keys=line_keys(key), args=[self.replica])
+        except STORE_ERRORS as error:  # dropped from the line once stale
+            self.failed(error)
+            return
+        self.succeeded()
 
     async def charge(self, user: str, delta: float, floor: float | None) -> float | None:
         args = [user, "" if floor is None else repr(floor), repr(delta), str(COUNTERS_TTL)]

@@ -43,6 +43,10 @@ class SlotStore(Protocol):
         """Free a lease and add `delta` to the user's counter; the counter after, or None."""
         ...
 
+    async def leave(self, key: SlotKey) -> None:
+        """This replica has no more waiters for `key`: out of the line of replicas."""
+        ...
+
     async def charge(self, user: str, delta: float, floor: float | None) -> float | None:
         """counter = max(counter, floor) + delta; the counter after, or None."""
         ...
@@ -66,6 +70,9 @@ class LocalSlots:
         return Taken("local")
 
     async def give(self, key: SlotKey, holder: str, user: str, delta: float) -> float | None:
+        return None
+
+    async def leave(self, key: SlotKey) -> None:
         return None
 
     async def charge(self, user: str, delta: float, floor: float | None) -> float | None:
