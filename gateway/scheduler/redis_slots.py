@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Sequence
 
 from gateway.limits import StoreHealth, StoreUnavailable
@@ -39,6 +40,9 @@ LEASE_ENV = "OLLAMA_GATEWAY_SLOT_LEASE"  # overrides LEASE_SECONDS (tests kill r
 COUNTERS_TTL = 86_400  # the counters hash expires a day after the last charge
 MAX_USERS_REFRESHED = 64  # counters read back per take
 STALE_SECONDS = 1.0  # a replica in the line that has not polled for this long is dropped
+# After a failed take, takes fail at once for this long: a Redis that hangs (socket timeouts)
+# must not serialise every dispatch behind a timeout, whatever `on_store_error` says.
+DOWN_SECONDS = 1.0
 
 _COUNTERS = f"{KEY_PREFIX}{{sched}}:vtc"
 
@@ -165,8 +169,12 @@ class RedisSlots(StoreHealth):
         self.replica = os.urandom(8).hex()  # this replica's place in the lines
         self.held: dict[str, str] = {}  # holder -> its zset, for the heartbeat
         self._heartbeat: asyncio.Task[None] | None = None
+        self._down_until = 0.0  # monotonic: takes fail fast until then
 
     async def take(self, key: SlotKey, capacity: int, users: Sequence[str]) -> Taken:
+        if self._down_until and time.monotonic() < self._down_until:
+            self.failed(StoreUnavailable("slot store down"))
+            raise StoreUnavailable("slot store down (recent failure)")
         holder = next_lease_id()
         zset = holders_key(key)
         asked = list(users[:MAX_USERS_REFRESHED])
@@ -184,7 +192,9 @@ class RedisSlots(StoreHealth):
             taken, counters = await self._take(keys=keys, args=args)
         except STORE_ERRORS as error:
             self.failed(error)
+            self._down_until = time.monotonic() + DOWN_SECONDS
             raise StoreUnavailable(str(error)) from error
+        self._down_until = 0.0
         self.succeeded()
         known = {u: float(text(c)) for u, c in zip(asked, counters, strict=False) if c}
         if not int(taken):
