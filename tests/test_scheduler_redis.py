@@ -20,7 +20,7 @@ import pytest
 
 from gateway.keys import SCHEDULER
 from gateway.scheduler.policy import DEFAULT_UPSTREAM
-from gateway.scheduler.redis_slots import LEASE_ENV, holders_key, line_keys
+from gateway.scheduler.redis_slots import LEASE_ENV, RedisSlots, holders_key, line_keys
 from tests.auth_support import FAST_BCRYPT, basic
 from tests.conftest import GatewayFactory, GatewayProcess, gateway_process, until
 from tests.fake_ollama import FakeOllama
@@ -220,3 +220,46 @@ async def test_redis_down_with_deny_answers_503_then_recovers(
         return await generate(http, gw.url, "bob") == 200
 
     await until(served, within=10, interval=0.1)  # takes fail fast for a second after a failure
+
+
+# --- the store alone ---------------------------------------------------------------------
+
+
+async def test_store_leases_are_renewed_while_held_and_expire_when_a_replica_stops(
+    redis_server: RedisServer,
+) -> None:
+    key = (DEFAULT_UPSTREAM, MODEL)
+    one, two = RedisSlots(redis_server.url, lease_seconds=0.5), RedisSlots(redis_server.url)
+    try:
+        held = [await one.take(key, 2, []) for _ in range(3)]
+        assert [t.holder is not None for t in held] == [True, True, False]
+        await asyncio.sleep(1.2)  # more than two leases: the heartbeat kept them
+        assert (await two.take(key, 2, [])).holder is None
+        assert held[0].holder is not None
+        await one.give(key, held[0].holder, "", 0.0)
+        # one has not asked for a second: out of the line, so two is first
+        assert (await two.take(key, 2, [])).holder is not None
+        await one.close()  # stops renewing without giving back: that lease expires
+        start = time.monotonic()
+
+        async def taken() -> bool:
+            return (await two.take(key, 2, [])).holder is not None
+
+        await until(taken, within=3, interval=0.05)
+        assert 0.1 < time.monotonic() - start < 1.5
+    finally:
+        await two.close()
+
+
+async def test_store_counters_take_the_floor_then_the_charge(redis_server: RedisServer) -> None:
+    store = RedisSlots(redis_server.url)
+    try:
+        assert await store.charge("alice", 10.0, None) == 10.0
+        assert await store.charge("alice", 5.0, 100.0) == 105.0  # lifted, then charged
+        assert await store.charge("alice", -2.5, 50.0) == 102.5  # a floor never lowers
+        taken = await store.take((DEFAULT_UPSTREAM, MODEL), 1, ["alice", "bob"])
+        assert taken.holder is not None and taken.counters == {"alice": 102.5}
+        assert await store.give((DEFAULT_UPSTREAM, MODEL), taken.holder, "alice", 1.5) == 104.0
+        assert shared_counter(redis_server, "alice") == 104.0
+    finally:
+        await store.close()
