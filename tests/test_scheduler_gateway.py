@@ -20,7 +20,7 @@ import yaml
 from gateway.keys import SCHEDULER
 from gateway.server import reload_config
 from tests.auth_support import FAST_BCRYPT, basic
-from tests.conftest import GatewayFactory, RunningGateway, until
+from tests.conftest import GatewayFactory, RunningGateway, gateway_process, until
 from tests.fake_ollama import FakeOllama
 from tests.fake_ollama_http import estimate_prompt_tokens
 
@@ -367,7 +367,7 @@ async def test_reload_applies_new_slots_to_waiting_requests(
         await until(lambda: waiting(gw) == 3)
         new = config(fake)
         new["upstream"]["slots"] = 2
-        Path(gw.config_path).write_text(yaml.safe_dump(new))
+        await asyncio.to_thread(Path(gw.config_path).write_text, yaml.safe_dump(new))
         assert await reload_config(gw.app, gw.config_path) is True
         await fake.wait_for(lambda: fake.running(MODEL) == 2)
         assert waiting(gw) == 2, "one more slot: one more dispatched, the rest still queued"
@@ -396,3 +396,21 @@ async def test_server_timing_and_access_log_show_the_wait(
     timings = dict(v.split(";dur=") for v in response.headers.getall("Server-Timing"))
     assert float(timings["queue"]) >= 200
     assert float(timings["gateway"]) < 200, "queue time is not counted as overhead"
+
+
+async def test_serve_logs_the_slots_in_effect(tmp_path: Path, ollama: FakeOllama) -> None:
+    doc = config(ollama)
+    doc["upstream"]["model_slots"] = {"*embed*": 1}
+    async with gateway_process(doc, tmp_path) as gw:
+        line = await gw.wait_line(r"fair queue: 1 slot\(s\) per model")
+        assert "*embed*=1" in line and "OLLAMA_NUM_PARALLEL" in line
+        status, _, _ = await generate_at(gw.url, "alice")
+        assert status == 200
+
+
+async def generate_at(url: str, user: str) -> tuple[int, bytes, None]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(url + "/api/generate", json=body("p"), headers=auth(user)) as response,
+    ):
+        return response.status, await response.read(), None

@@ -96,3 +96,17 @@ class GatewaySchedulingPolicy:
         if len(self._shares) < 10_000:  # JWT subjects are caller input: bounded
             self._shares[(user, roles)] = share
         return share
+
+
+def slots_in_effect(config: GatewayConfig) -> str:
+    """The line `serve` logs at start: a wrong `slots` is the likeliest mistake to make."""
+    upstream = config.upstream
+    if upstream.slots == 0 and not upstream.model_slots:
+        return "fair queue off (upstream.slots: 0): requests go to Ollama as they come"
+    overrides = ", ".join(f"{glob}={n}" for glob, n in upstream.model_slots.items())
+    return (
+        f"fair queue: {upstream.slots} slot(s) per model at {upstream.url}"
+        + (f" ({overrides})" if overrides else "")
+        + "; this must equal Ollama's OLLAMA_NUM_PARALLEL (too low wastes the GPU, "
+        "too high brings back Ollama's first-come queue)"
+    )
