@@ -17,6 +17,7 @@ DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_SHUTDOWN_GRACE = 30.0
 # Above the idle timeout of a proxy in front (nginx: 60 s), so the proxy always closes first.
 DEFAULT_CLIENT_IDLE_TIMEOUT = 75.0
+DEFAULT_UPSTREAM_NAME = "default"  # the one server of `upstream:` (logs, metrics, prefix)
 # Ollama's own OLLAMA_NUM_PARALLEL default since 0.10.
 DEFAULT_SLOTS = 1
 
@@ -84,6 +85,19 @@ class UpstreamConfig:
     )
     model_slots: dict[str, int] = doc_factory(
         "Slots per model glob (`nomic-embed*: 1`), overriding `slots`; first match wins.", dict
+    )
+
+
+@dataclass(**FROZEN)
+class NamedUpstreamConfig(UpstreamConfig):
+    """One of several Ollama servers (`upstreams`): every `upstream` key, plus a name."""
+
+    name: str = required(
+        "Server name ([a-z0-9-]+), used in logs, metrics, `X-Ollama-Upstream: NAME` and the "
+        "`/upstreams/NAME/` path prefix."
+    )
+    models: tuple[str, ...] | None = doc(
+        "Model globs routed to this server (default: every model it lists).", None
     )
 
 
@@ -251,6 +265,10 @@ def _default_roles() -> dict[str, RoleConfig]:
 class GatewayConfig:
     listen: str = doc("HOST:PORT to listen on.", DEFAULT_LISTEN)
     upstream: UpstreamConfig = doc_factory("Where Ollama is.", UpstreamConfig)
+    upstreams: tuple[NamedUpstreamConfig, ...] | None = doc(
+        "Instead of `upstream`: several Ollama servers behind one gateway, routed by model.",
+        None,
+    )
     tls: TLSConfig | None = doc("Serve HTTPS with this certificate.", None)
     max_body_bytes: int = doc(
         "Largest JSON request body (413 beyond); blob uploads stream unlimited.",
@@ -280,3 +298,10 @@ class GatewayConfig:
     cors: CorsConfig = doc_factory("Browser CORS, answered by the gateway.", CorsConfig)
     logging: LoggingConfig = doc_factory("Logs.", LoggingConfig)
     metrics: MetricsConfig = doc_factory("Prometheus metrics.", MetricsConfig)
+
+    @property
+    def servers(self) -> tuple[tuple[str, UpstreamConfig], ...]:
+        """(name, settings) of every Ollama server: `upstreams`, or `upstream` as `default`."""
+        if self.upstreams:
+            return tuple((u.name, u) for u in self.upstreams)
+        return ((DEFAULT_UPSTREAM_NAME, self.upstream),)
