@@ -114,7 +114,11 @@ class FairHashQueue:
         job.started = True
         self._busy += 1
         self._running[job.address] = self._running.get(job.address, 0) + 1
-        done = asyncio.wrap_future(self._executor().submit(job.call))
+        try:
+            done = asyncio.wrap_future(self._executor().submit(job.call))
+        except RuntimeError as error:  # the executor was shut down (the app is closing)
+            done = asyncio.get_running_loop().create_future()
+            done.set_exception(error)
         done.add_done_callback(lambda finished: self._finished(job, finished))
 
     def _finished(self, job: HashJob[Any], finished: asyncio.Future[Any]) -> None:

@@ -37,11 +37,12 @@ def _workers() -> int:
 
 
 class AuthResources:
-    __slots__ = ("_executor", "_session", "hash_queue")
+    __slots__ = ("_executor", "_session", "_closed", "hash_queue")
 
     def __init__(self) -> None:
         self._executor: ThreadPoolExecutor | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
         workers = _workers()
         # At most workers - 1 per address (and 1-2): a thread is always left for the others.
         per_address = max(1, min(2, workers - 1))
@@ -53,6 +54,8 @@ class AuthResources:
         # A pool of its own: hashes queued here never starve the loop's default executor
         # (DNS lookups for the upstream use it). One thread per core: hashing is CPU-bound
         # and releases the GIL, so the event loop keeps running between them.
+        if self._closed:
+            raise RuntimeError("authentication resources are closed")
         if self._executor is None:
             self._executor = ThreadPoolExecutor(
                 _workers(), thread_name_prefix="gateway-hash", initializer=_lower_priority
@@ -72,6 +75,7 @@ class AuthResources:
         return self._session
 
     async def close(self) -> None:
+        self._closed = True
         if self._session is not None:
             await self._session.close()
             self._session = None
