@@ -119,9 +119,11 @@ class Authenticator:
             return self._keys.verify(attempt.value)
         except AuthFailure as failure:
             delay = failure.delay
-            if delay is None:  # names no known user: counted against the address
+            # Names no known user: counted against the address. An unreachable issuer is
+            # nobody's guess: it must not push an office's address toward its ceiling.
+            if delay is None and failure.reason != "jwks_unavailable":
                 delay = await self._lockout.settle(address, None, "", failed=True)
-            if delay > 0:
+            if delay:
                 await asyncio.sleep(delay)  # slows guessing; costs us only a timer
             # `from None`: no chained exception that could carry a credential into a log.
             raise Unauthorized(

@@ -127,11 +127,14 @@ class MemoryLockoutStore:
         self, address: str, user: str | None, rules: Rules, *, reserve: bool, attempt: str
     ) -> Checked:
         now = self._clock()
+        if not reserve:  # a cached login: look only, never make a record per success
+            found = self._records.get(_user_key(address, user)) if user else None
+            if found is not None and found.blocked_until > now:
+                return Checked(Verdict.USER_BLOCKED, found.blocked_until - now)
+            return Checked(Verdict.OK, 0.0)
         user_record = self._get(_user_key(address, user), now, rules) if user else None
         if user_record is not None and user_record.blocked_until > now:
             return Checked(Verdict.USER_BLOCKED, user_record.blocked_until - now)
-        if not reserve:
-            return Checked(Verdict.OK, 0.0)
         record = self._get(address, now, rules)
         if record.blocked_until > now:
             return Checked(Verdict.ADDRESS_BLOCKED, record.blocked_until - now)
