@@ -8,6 +8,7 @@ that one computation, which the lockout counts as pending from the moment it sta
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from gateway.auth.cache import Coalescer, VerifiedCache
@@ -127,7 +128,8 @@ class BasicVerifier:
         finally:
             if job is not None and job.started:
                 self.verifications += 1
-        return ok, await lockout.settle(address, user, attempt, not ok or user is None)
+        # Shielded: a client leaving now cannot keep its spent guess from being counted.
+        return ok, await asyncio.shield(lockout.settle(address, user, attempt, not ok or not user))
 
     def _lookup(self, user: str) -> tuple[str, Principal] | None:
         account = self._users.get(user)
