@@ -13,6 +13,7 @@ from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry
 
 from gateway.access_log import AccessLog
+from gateway.auth.lockout_metrics import count_blocks
 from gateway.auth.middleware import authenticate_stage, close_authenticator
 from gateway.config import DEFAULT_UPSTREAM_NAME, GatewayConfig
 from gateway.errors import Forbidden
@@ -142,6 +143,7 @@ def create_app(config: GatewayConfig, **deps: Any) -> web.Application:
     app[STATE] = StateHolder(GatewayState.build(config, previous=None, **deps))
     metrics = GatewayMetrics(CollectorRegistry(), user_label=config.metrics.user_label)
     app[METRICS] = metrics  # a fresh registry per app: no global state between apps
+    count_blocks(metrics.registry, app[STATE].current.authenticator.lockout)  # survives reloads
     observers: list[Observer] = [metrics.observe, AccessLog()]
     app[OBSERVERS] = observers
     app[UPSTREAM_UP] = UpstreamUp()

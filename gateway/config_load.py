@@ -19,7 +19,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from gateway.config import GatewayConfig, Secret, UpstreamConfig
+from gateway.config import DEFAULT_METRICS_ROLES, GatewayConfig, Secret, UpstreamConfig
 
 ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 HTTP_METHODS = frozenset(
@@ -315,7 +315,7 @@ def is_loopback_host(host: str) -> bool:
 
 def _check_addresses(config: GatewayConfig) -> Iterable[Problem]:
     for key, value in (("listen", config.listen), ("metrics.listen", config.metrics.listen)):
-        if value is None:
+        if value is None or (key == "metrics.listen" and not config.metrics.enabled):
             continue
         try:
             parse_host_port(value)
@@ -344,7 +344,9 @@ def _check_addresses(config: GatewayConfig) -> Iterable[Problem]:
                 yield Problem(f"tls.{key}", "is required")
             elif not os.path.isfile(file):
                 yield Problem(f"tls.{key}", f"file not found: {file}")
-    if not config.metrics.path.startswith("/") or config.metrics.path in ("/healthz", "/readyz"):
+    if config.metrics.enabled and (
+        not config.metrics.path.startswith("/") or config.metrics.path in ("/healthz", "/readyz")
+    ):
         yield Problem("metrics.path", "must be a path starting with / (not /healthz or /readyz)")
     if config.rate_limits.store != "memory" and not re.match(
         r"(rediss?|unix)://", config.rate_limits.store
@@ -372,10 +374,17 @@ def _check_roles(config: GatewayConfig) -> Iterable[Problem]:
 
     for name, user in config.auth.users.items():
         yield from unknown(f"auth.users.{name}.roles", user.roles)
-    yield from unknown("auth.htpasswd_roles", config.auth.htpasswd_roles)
+    # Each default below is checked only where its feature is on: a config that never
+    # mentions htpasswd (or turns metrics off) must not fail over a key its author never wrote.
+    if config.auth.htpasswd:
+        yield from unknown("auth.htpasswd_roles", config.auth.htpasswd_roles)
     for i, key in enumerate(config.auth.api_keys):
         yield from unknown(f"auth.api_keys[{i}].roles", key.roles)
-    yield from unknown("metrics.roles", config.metrics.roles)
+    metrics = config.metrics
+    if metrics.enabled and not metrics.public and metrics.roles != DEFAULT_METRICS_ROLES:
+        # The default `[admin]` without an `admin` role just means no role reads metrics
+        # (fail closed); only roles the author wrote can be typos.
+        yield from unknown("metrics.roles", metrics.roles)
     for i, rule in enumerate(config.routes or ()):
         yield from unknown(f"routes[{i}].roles", rule.roles or ())
 
