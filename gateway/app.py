@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,12 +13,14 @@ from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry
 
 from gateway.access_log import AccessLog
+from gateway.auth.lockout_metrics import count_blocks
 from gateway.auth.middleware import authenticate_stage, close_authenticator
-from gateway.config import GatewayConfig
+from gateway.config import DEFAULT_UPSTREAM_NAME, GatewayConfig
 from gateway.errors import Forbidden
 from gateway.health import healthz, readyz
 from gateway.health_state import UpstreamUp
 from gateway.keys import (
+    CLUSTER,
     CONTEXT,
     HTTP_SESSION,
     LIMITER,
@@ -25,6 +29,7 @@ from gateway.keys import (
     SCHEDULER,
     STATE,
     UPSTREAM_POOL,
+    UPSTREAM_POOLS,
     UPSTREAM_UP,
 )
 from gateway.limits import build_limiter
@@ -42,6 +47,8 @@ from gateway.scheduler.slots import build_slot_store
 from gateway.scheduler.stage import queue_stage
 from gateway.state import GatewayState, StateHolder
 from gateway.upstream_client import UpstreamPool
+from gateway.upstreams.registry import Cluster
+from gateway.upstreams.stage import upstream_stage
 
 
 def build_pipeline() -> list[Middleware]:
@@ -56,6 +63,7 @@ def build_pipeline() -> list[Middleware]:
         authenticate_stage,  # headers -> Principal, or 401; knows nothing of routes
         authorise_stage,  # route table + model allow-lists (bounded body read) -> 403
         admit_stage,  # rate, concurrency and token budgets per principal -> 429
+        upstream_stage,  # which server: named (management), by model, or merged listings
         queue_stage,  # inference waits for a slot of its model, fairly across users -> 429/503
     ]  # ... then the handler: `relay_handler`, or one of the gateway's own endpoints
 
@@ -69,7 +77,19 @@ async def relay_handler(request: web.Request) -> web.StreamResponse:
     headers = upstream_headers(
         request.headers, ctx, forwarded_proto=ctx.forwarded_proto, forwarded_for=ctx.forwarded_for
     )
-    return await relay(request, ctx, request.app[UPSTREAM_POOL], ctx.state.config.upstream, headers)
+    cluster = request.app[CLUSTER]
+    server = cluster.servers.get(ctx.upstream or "") or cluster.first_up()
+    return await relay(request, ctx, _pool(request.app, server.name), server.config, headers)
+
+
+def _pool(app: web.Application, name: str) -> UpstreamPool:
+    """Each server's keep-alive connections, bounded by its own `max_connections`."""
+    pools = app[UPSTREAM_POOLS]
+    pool = pools.get(name)
+    if pool is None:
+        server = app[CLUSTER].servers[name]
+        pool = pools[name] = UpstreamPool(max_connections=server.config.max_connections)
+    return pool
 
 
 async def _http_session(app: web.Application) -> AsyncIterator[None]:
@@ -86,11 +106,18 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
         cookie_jar=aiohttp.DummyCookieJar(),  # never store upstream cookies across users
     ) as session:
         app[HTTP_SESSION] = session
-        app[UPSTREAM_POOL] = pool = UpstreamPool(max_connections=config.upstream.max_connections)
+        app[UPSTREAM_POOL] = UpstreamPool(max_connections=config.upstream.max_connections)
+        app[UPSTREAM_POOLS] = {DEFAULT_UPSTREAM_NAME: app[UPSTREAM_POOL]}
+        # Catalogues and health of several servers, learnt in the background.
+        learning = asyncio.ensure_future(app[CLUSTER].run(session))
         try:
             yield
         finally:
-            pool.close()
+            learning.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await learning
+            for pool in app[UPSTREAM_POOLS].values():
+                pool.close()
 
 
 def _reconfigure(scheduler: FairScheduler, state: GatewayState) -> None:
@@ -123,6 +150,7 @@ def create_app(config: GatewayConfig, **deps: Any) -> web.Application:
     app[STATE] = StateHolder(GatewayState.build(config, previous=None, **deps))
     metrics = GatewayMetrics(CollectorRegistry(), user_label=config.metrics.user_label)
     app[METRICS] = metrics  # a fresh registry per app: no global state between apps
+    count_blocks(metrics.registry, app[STATE].current.authenticator.lockout)  # survives reloads
     observers: list[Observer] = [metrics.observe, AccessLog()]
     app[OBSERVERS] = observers
     app[UPSTREAM_UP] = UpstreamUp()
@@ -142,6 +170,8 @@ def create_app(config: GatewayConfig, **deps: Any) -> web.Application:
         fail_open=config.rate_limits.on_store_error == "allow",
     )
     app[STATE].on_swap.append(lambda state: _reconfigure(scheduler, state))
+    app[CLUSTER] = cluster = Cluster(config)
+    app[STATE].on_swap.append(lambda state: cluster.reconfigure(state.config))
     observers.append(QueueMetrics(metrics, scheduler).observe)
     app.cleanup_ctx.append(_limiter)
     app.on_cleanup.append(close_authenticator)  # hashing threads + JWKS session

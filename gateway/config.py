@@ -17,8 +17,12 @@ DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_SHUTDOWN_GRACE = 30.0
 # Above the idle timeout of a proxy in front (nginx: 60 s), so the proxy always closes first.
 DEFAULT_CLIENT_IDLE_TIMEOUT = 75.0
+DEFAULT_UPSTREAM_NAME = "default"  # the one server of `upstream:` (logs, metrics, prefix)
 # Ollama's own OLLAMA_NUM_PARALLEL default since 0.10.
 DEFAULT_SLOTS = 1
+DEFAULT_METRICS_ROLES: tuple[str, ...] = ("admin",)
+# An address (an office NAT) carries many users: it may fail this many times more than one user.
+ADDRESS_CEILING_FACTOR = 10
 
 
 class Secret:
@@ -88,6 +92,19 @@ class UpstreamConfig:
 
 
 @dataclass(**FROZEN)
+class NamedUpstreamConfig(UpstreamConfig):
+    """One of several Ollama servers (`upstreams`): every `upstream` key, plus a name."""
+
+    name: str = required(
+        "Server name ([a-z0-9-]+), used in logs, metrics, `X-Ollama-Upstream: NAME` and the "
+        "`/upstreams/NAME/` path prefix."
+    )
+    models: tuple[str, ...] | None = doc(
+        "Model globs routed to this server (default: every model it lists).", None
+    )
+
+
+@dataclass(**FROZEN)
 class TLSConfig:
     cert: str = required("PEM certificate chain file.")
     key: str = required("PEM private key file.")
@@ -149,12 +166,34 @@ class JWTConfig:
 
 @dataclass(**FROZEN)
 class LockoutConfig:
-    """Slows and then blocks client addresses that keep failing authentication."""
+    """Brute-force protection, scoped to what is attacked (one user from one address).
 
-    max_failures: int = doc("Failures from one address before it gets 429.", 10)
+    Failed passwords count per (client address, user): past `max_failures` that user's
+    Basic attempts from that address get 429. Failures that name no known user (unknown
+    users, malformed headers, bad keys and tokens) count per address: they slow the 401s
+    down and, past `address_max_failures`, the address's logins that need a fresh password
+    hash are refused without hashing. Other users, keys and tokens keep working.
+    """
+
+    max_failures: int = doc(
+        "Failed passwords for one user from one address before that user gets 429 there "
+        "(0: lockout off).",
+        10,
+    )
     window: float = doc("Seconds over which failures are counted.", 60.0)
-    block_seconds: float = doc("How long an address stays blocked.", 300.0)
-    max_tracked: int = doc("Addresses tracked at most (bounded memory).", 100_000)
+    block_seconds: float = doc("How long a blocked user (or address) stays refused.", 300.0)
+    address_max_failures: int | None = doc(
+        "Failures from one address before its logins that need a fresh password hash are "
+        "refused without hashing (default: 10 x max_failures).",
+        None,
+    )
+    max_tracked: int = doc("Addresses and (address, user) pairs tracked at most.", 100_000)
+
+    @property
+    def address_ceiling(self) -> int:
+        if self.address_max_failures is not None:
+            return self.address_max_failures
+        return ADDRESS_CEILING_FACTOR * self.max_failures
 
 
 @dataclass(**FROZEN)
@@ -238,7 +277,7 @@ class MetricsConfig:
     enabled: bool = doc("Serve Prometheus metrics.", True)
     path: str = doc("Path of the metrics endpoint.", "/metrics")
     public: bool = doc("No credentials needed (say so explicitly on non-loopback).", False)
-    roles: tuple[str, ...] = doc("Roles that may read metrics.", ("admin",))
+    roles: tuple[str, ...] = doc("Roles that may read metrics.", DEFAULT_METRICS_ROLES)
     user_label: bool = doc("Per-user series (turn off for huge user counts).", True)
     listen: str | None = doc("Separate HOST:PORT listener for metrics only.", None)
 
@@ -251,6 +290,10 @@ def _default_roles() -> dict[str, RoleConfig]:
 class GatewayConfig:
     listen: str = doc("HOST:PORT to listen on.", DEFAULT_LISTEN)
     upstream: UpstreamConfig = doc_factory("Where Ollama is.", UpstreamConfig)
+    upstreams: tuple[NamedUpstreamConfig, ...] | None = doc(
+        "Instead of `upstream`: several Ollama servers behind one gateway, routed by model.",
+        None,
+    )
     tls: TLSConfig | None = doc("Serve HTTPS with this certificate.", None)
     max_body_bytes: int = doc(
         "Largest JSON request body (413 beyond); blob uploads stream unlimited.",
@@ -280,3 +323,10 @@ class GatewayConfig:
     cors: CorsConfig = doc_factory("Browser CORS, answered by the gateway.", CorsConfig)
     logging: LoggingConfig = doc_factory("Logs.", LoggingConfig)
     metrics: MetricsConfig = doc_factory("Prometheus metrics.", MetricsConfig)
+
+    @property
+    def servers(self) -> tuple[tuple[str, UpstreamConfig], ...]:
+        """(name, settings) of every Ollama server: `upstreams`, or `upstream` as `default`."""
+        if self.upstreams:
+            return tuple((u.name, u) for u in self.upstreams)
+        return ((DEFAULT_UPSTREAM_NAME, self.upstream),)

@@ -19,7 +19,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from gateway.config import GatewayConfig, Secret
+from gateway.config import DEFAULT_METRICS_ROLES, GatewayConfig, Secret, UpstreamConfig
 
 ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 HTTP_METHODS = frozenset(
@@ -83,6 +83,9 @@ def parse_config(
     if raw is None:
         raw = {}
     problems: list[Problem] = []
+    if isinstance(raw, dict) and "upstream" in raw and "upstreams" in raw:
+        # Only the file tells whether `upstream` was written (it has defaults).
+        problems.append(Problem("upstreams", "set either `upstream` or `upstreams`, not both"))
     raw = _expand_env(raw, os.environ if env is None else env, "", problems)
     config = _convert(raw, GatewayConfig, "", problems)
     if isinstance(config, GatewayConfig):
@@ -312,19 +315,19 @@ def is_loopback_host(host: str) -> bool:
 
 def _check_addresses(config: GatewayConfig) -> Iterable[Problem]:
     for key, value in (("listen", config.listen), ("metrics.listen", config.metrics.listen)):
-        if value is None:
+        if value is None or (key == "metrics.listen" and not config.metrics.enabled):
             continue
         try:
             parse_host_port(value)
         except ValueError as exc:
             yield Problem(key, str(exc))
-    url = config.upstream.url
-    if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", url):
-        yield Problem("upstream.url", "must be an http:// or https:// URL")
-    for key in ("connect_timeout", "read_timeout", "first_byte_timeout"):
-        value = getattr(config.upstream, key)
-        if value is not None and value <= 0:
-            yield Problem(f"upstream.{key}", "must be greater than 0")
+    for path, upstream in upstream_paths(config):
+        if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", upstream.url):
+            yield Problem(f"{path}.url", "must be an http:// or https:// URL")
+        for key in ("connect_timeout", "read_timeout", "first_byte_timeout"):
+            value = getattr(upstream, key)
+            if value is not None and value <= 0:
+                yield Problem(f"{path}.{key}", "must be greater than 0")
     for i, cidr in enumerate(config.trusted_proxies):
         try:
             ipaddress.ip_network(cidr, strict=False)
@@ -341,7 +344,9 @@ def _check_addresses(config: GatewayConfig) -> Iterable[Problem]:
                 yield Problem(f"tls.{key}", "is required")
             elif not os.path.isfile(file):
                 yield Problem(f"tls.{key}", f"file not found: {file}")
-    if not config.metrics.path.startswith("/") or config.metrics.path in ("/healthz", "/readyz"):
+    if config.metrics.enabled and (
+        not config.metrics.path.startswith("/") or config.metrics.path in ("/healthz", "/readyz")
+    ):
         yield Problem("metrics.path", "must be a path starting with / (not /healthz or /readyz)")
     if config.rate_limits.store != "memory" and not re.match(
         r"(rediss?|unix)://", config.rate_limits.store
@@ -349,6 +354,13 @@ def _check_addresses(config: GatewayConfig) -> Iterable[Problem]:
         yield Problem(
             "rate_limits.store", "must be `memory` or a redis://, rediss:// or unix:// URL"
         )
+
+
+def upstream_paths(config: GatewayConfig) -> list[tuple[str, UpstreamConfig]]:
+    """Each server's settings with the key path it was written under."""
+    if config.upstreams is not None:
+        return [(f"upstreams[{i}]", u) for i, u in enumerate(config.upstreams)]
+    return [("upstream", config.upstream)]
 
 
 def _check_roles(config: GatewayConfig) -> Iterable[Problem]:
@@ -362,10 +374,17 @@ def _check_roles(config: GatewayConfig) -> Iterable[Problem]:
 
     for name, user in config.auth.users.items():
         yield from unknown(f"auth.users.{name}.roles", user.roles)
-    yield from unknown("auth.htpasswd_roles", config.auth.htpasswd_roles)
+    # Each default below is checked only where its feature is on: a config that never
+    # mentions htpasswd (or turns metrics off) must not fail over a key its author never wrote.
+    if config.auth.htpasswd:
+        yield from unknown("auth.htpasswd_roles", config.auth.htpasswd_roles)
     for i, key in enumerate(config.auth.api_keys):
         yield from unknown(f"auth.api_keys[{i}].roles", key.roles)
-    yield from unknown("metrics.roles", config.metrics.roles)
+    metrics = config.metrics
+    if metrics.enabled and not metrics.public and metrics.roles != DEFAULT_METRICS_ROLES:
+        # The default `[admin]` without an `admin` role just means no role reads metrics
+        # (fail closed); only roles the author wrote can be typos.
+        yield from unknown("metrics.roles", metrics.roles)
     for i, rule in enumerate(config.routes or ()):
         yield from unknown(f"routes[{i}].roles", rule.roles or ())
 
@@ -392,3 +411,4 @@ import gateway.auth.checks  # noqa: E402,F401  (auth: hashes, htpasswd, keys, jw
 import gateway.limits.checks  # noqa: E402,F401  (limits: positive values, redis extra)
 import gateway.policy.checks  # noqa: E402,F401  (policy: model globs, route paths, origins)
 import gateway.scheduler.checks  # noqa: E402,F401  (fair queue: slots, caps, weights)
+import gateway.upstreams.checks  # noqa: E402,F401  (several upstreams: names, model globs)

@@ -63,6 +63,9 @@ class RequestContext:
     queue_seconds: float | None = None  # time waited for a slot (scheduled routes only)
     queue_outcome: str | None = None  # dispatched, timeout, client_gone, *_queue_full
     queue_tokens: int = 0  # tokens charged to the user's fair-share counter at the end
+    pinned_upstream: str | None = None  # named by the `/upstreams/NAME/` path prefix
+    upstream: str | None = None  # the server this request goes to (name)
+    candidates: tuple[str, ...] = ()  # servers that may serve its model, best first
 
     @property
     def user(self) -> str | None:

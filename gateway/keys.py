@@ -14,6 +14,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.scheduler import FairScheduler
 from gateway.state import StateHolder
 from gateway.upstream_client import UpstreamPool
+from gateway.upstreams.registry import Cluster
 
 STATE = web.AppKey("state", StateHolder)  # the current GatewayState, swapped on reload
 HTTP_SESSION = web.AppKey("http_session", aiohttp.ClientSession)  # probes (/readyz)
@@ -25,3 +26,5 @@ METRICS = web.AppKey("metrics", GatewayMetrics)  # this app's series and registr
 LIMITER: web.AppKey[Limiter] = web.AppKey("limiter")
 UPSTREAM_UP = web.AppKey("upstream_up", UpstreamUp)  # last /readyz result, for metrics
 SCHEDULER = web.AppKey("scheduler", FairScheduler)  # slots and fair queues; outlive reloads
+CLUSTER = web.AppKey("cluster", Cluster)  # every Ollama server: catalogue, health; outlives reloads
+UPSTREAM_POOLS = web.AppKey("upstream_pools", dict[str, UpstreamPool])  # one per server name

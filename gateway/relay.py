@@ -54,6 +54,7 @@ REQUEST_DROP = HOP_BY_HOP | {
     "x-real-ip",
     "forwarded",
     "x-request-id",
+    "x-ollama-upstream",  # the gateway's own server selector
 }
 RESPONSE_DROP = HOP_BY_HOP | {"content-length", "server", "date"}
 

@@ -98,6 +98,8 @@ class FakeOllama(ManageRoutes, V1Routes):
         self.hang_after_chunks: int | None = None
         self.status_override: dict[str, tuple[int, Any]] = {}
         self.usage: tuple[int, int] = (26, 10)
+        # Models /api/ps reports as loaded (normalised names); None: every local model.
+        self.loaded: set[str] | None = None
         # True: completion tokens = content chunks generated, prompt tokens from the prompt size
         self.usage_from_plan = usage_from_plan
         # Ollama's per-model slots (None/0 everywhere: unlimited, nothing recorded)

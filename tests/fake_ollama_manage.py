@@ -34,6 +34,7 @@ class ManageRoutes:
     chunk_delay: float
     blobs: dict[str, int]
     _models: dict[str, Model]
+    loaded: set[str] | None
 
     def _add_model(self, name: str, modified: float | None = None) -> Model:
         m = Model.make(with_tag(name), time.time() if modified is None else modified)
@@ -104,7 +105,7 @@ class ManageRoutes:
                 "context_length": 4096,
             }
             for m in self._sorted_models()
-            if not m.remote
+            if not m.remote and (self.loaded is None or m.name in self.loaded)
         ]
         return json_reply({"models": out})
 

@@ -44,11 +44,37 @@ async def test_hash_password_console_script(tmp_path: Path) -> None:
     assert "ss w" not in out + err
 
 
-@pytest.mark.parametrize("scheme", ["bcrypt", "argon2"])
+@pytest.mark.parametrize("scheme", ["bcrypt", "argon2", "bcrypt_sha256"])
 def test_hash_password_schemes(scheme: str, capsys) -> None:
     hashed = run_main(["hash-password", "--scheme", scheme], capsys, b"pw\n").strip()
     assert PASSWORDS.identify(hashed) == scheme
     assert PASSWORDS.verify("pw", hashed) and not PASSWORDS.verify("pw\n", hashed)
+
+
+def test_hash_password_default_has_no_72_byte_trap(capsys) -> None:
+    long = "p" * 72 + "-the rest matters"
+    hashed = run_main(["hash-password"], capsys, long.encode()).strip()
+    assert hashed.startswith("$argon2id$")
+    assert PASSWORDS.verify(long, hashed)
+    assert not PASSWORDS.verify("p" * 72 + "-anything else", hashed)
+
+
+def test_hash_password_bcrypt_refuses_what_it_would_cut(capsys) -> None:
+    old = sys.stdin
+    sys.stdin = io.TextIOWrapper(io.BytesIO(b"p" * 73))
+    try:
+        assert main(["hash-password", "--scheme", "bcrypt"]) == 2
+    finally:
+        sys.stdin = old
+    out, err = capsys.readouterr()
+    assert out == "" and "72" in err and "argon2" in err and "p" * 20 not in err
+    # 72 bytes exactly is whole in bcrypt: still accepted.
+    hashed = run_main(["hash-password", "--scheme", "bcrypt"], capsys, "é".encode() * 36)
+    assert PASSWORDS.verify("é" * 36, hashed.strip())
+    # bcrypt_sha256 takes the long one whole.
+    long = "q" * 100
+    hashed = run_main(["hash-password", "--scheme", "bcrypt_sha256"], capsys, long.encode())
+    assert PASSWORDS.verify(long, hashed.strip()) and not PASSWORDS.verify("q" * 72, hashed)
 
 
 def test_hash_password_refuses_empty(capsys) -> None:

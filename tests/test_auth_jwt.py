@@ -21,7 +21,7 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from gateway.config_load import ConfigError, parse_config
 from gateway.keys import OBSERVERS
-from tests.auth_support import FakeClock, authenticator, bearer, config
+from tests.auth_support import FAST_BCRYPT, FakeClock, authenticator, basic, bearer, config
 
 SECRET = "an-hs256-secret-of-at-least-32-bytes!!"
 
@@ -328,6 +328,27 @@ async def test_jwks_unreachable(gateway_factory, fake, http, issuer, rsa_key) ->
     issuer.status = 200
     clock.advance(31)
     assert (await outcome(gw, http, signed(rsa_key, "k1", clock)))[0] == 200
+
+
+async def test_an_unreachable_issuer_counts_against_no_address(
+    gateway_factory, fake, http, issuer, rsa_key
+) -> None:
+    clock = FakeClock()
+    issuer.publish("k1", rsa_key)
+    issuer.status = 500
+    cfg = config(
+        fake,
+        users={"bob": {"password": FAST_BCRYPT.hash("pw")}},
+        jwt={"algorithms": ["RS256"], "jwks_url": issuer.url},
+        lockout={"max_failures": 1, "address_max_failures": 1},
+    )
+    gw = await gateway_factory(cfg, clock=clock)
+    for _ in range(3):  # every user of an office at once, while the IdP is down
+        assert await outcome(gw, http, signed(rsa_key, "k1", clock)) == (401, "jwks_unavailable")
+        clock.advance(31)
+    # Not the office's fault: its cold password logins still run.
+    async with http.get(f"{gw.url}/api/tags", headers=basic("bob", "pw")) as r:
+        assert r.status == 200
 
 
 def test_jwks_url_must_be_https_unless_loopback() -> None:

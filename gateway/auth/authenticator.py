@@ -18,12 +18,12 @@ from gateway.auth.basic import BasicVerifier
 from gateway.auth.cache import VerifiedCache
 from gateway.auth.credentials import Attempt, read_attempt
 from gateway.auth.failure import AuthFailure
-from gateway.auth.lockout import Lockout
+from gateway.auth.lockout import Lockout, address_key, build_lockout
 from gateway.auth.principal import Principal
 from gateway.auth.resources import AuthResources
 from gateway.auth.tokens import JwtVerifier
 from gateway.config import GatewayConfig
-from gateway.errors import TooManyRequests, Unauthorized
+from gateway.errors import Unauthorized
 
 
 class Authenticator:
@@ -49,7 +49,7 @@ class Authenticator:
         self._challenge = {"WWW-Authenticate": f'Basic realm="{realm}"'}
         self._resources = resources
         self._lockout = lockout
-        self.basic = BasicVerifier(auth, resources=resources, clock=clock)
+        self.basic = BasicVerifier(auth, resources=resources, lockout=lockout, clock=clock)
         self._keys = ApiKeyTable(auth.api_keys, clock=clock)
         self.jwt = (
             JwtVerifier(
@@ -78,15 +78,21 @@ class Authenticator:
                 config,
                 clock=clock,
                 resources=AuthResources(),
-                lockout=Lockout(lockout_config, clock=clock),
+                lockout=build_lockout(
+                    lockout_config, config.rate_limits.store, clock=deps.get("clock")
+                ),
             )
         # Shared: threads, the JWKS session and lockouts. Never the password cache.
         return cls(
             config,
             clock=clock,
             resources=previous._resources,
-            lockout=previous._lockout.handover(lockout_config, clock),
+            lockout=previous.lockout.configure(lockout_config),
         )
+
+    @property
+    def lockout(self) -> Lockout:
+        return self._lockout
 
     def read_attempt(self, headers: CIMultiDictProxy[str]) -> Attempt | None:
         """What the request tries (for metrics even when it fails); None: no credentials."""
@@ -102,24 +108,22 @@ class Authenticator:
         return await self.verify(attempt, client_ip)
 
     async def verify(self, attempt: Attempt, client_ip: str) -> Principal:
-        retry_after = self._lockout.retry_after(client_ip)
-        if retry_after is not None:  # brute force: refused before any hash is spent
-            raise TooManyRequests(
-                "too many failed logins; try again later",
-                reason="locked_out",
-                headers={"Retry-After": str(retry_after)},
-            )
+        address = address_key(client_ip)
         try:
             if attempt.problem is not None:
                 raise AuthFailure(attempt.problem)
             if attempt.method == "basic":
-                return await self.basic.verify(attempt.value)
+                return await self.basic.verify(attempt.value, address)
             if attempt.method == "jwt" and self.jwt is not None:
                 return await self.jwt.verify(attempt.value)
             return self._keys.verify(attempt.value)
         except AuthFailure as failure:
-            delay = self._lockout.failure(client_ip)
-            if delay > 0:
+            delay = failure.delay
+            # Names no known user: counted against the address. An unreachable issuer is
+            # nobody's guess: it must not push an office's address toward its ceiling.
+            if delay is None and failure.reason != "jwks_unavailable":
+                delay = await self._lockout.settle(address, None, "", failed=True)
+            if delay:
                 await asyncio.sleep(delay)  # slows guessing; costs us only a timer
             # `from None`: no chained exception that could carry a credential into a log.
             raise Unauthorized(
@@ -127,5 +131,6 @@ class Authenticator:
             ) from None
 
     async def close(self) -> None:
-        """Release threads and the JWKS session (shared with earlier generations)."""
+        """Release threads, the JWKS session and the lockout store (shared by generations)."""
         await self._resources.close()
+        await self._lockout.close()

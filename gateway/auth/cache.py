@@ -77,23 +77,35 @@ class Coalescer(Generic[T]):
     """Runs one computation per key at a time; concurrent callers share its result.
 
     N identical cold logins arriving together cost one hash, not N. The computation is
-    shielded: a caller that goes away does not cancel it for the others.
+    shielded: a caller that goes away does not cancel it for the others; when the last one
+    has gone, it is cancelled (a hash still queued is then never spent).
     """
 
     __slots__ = ("_running",)
 
     def __init__(self) -> None:
-        self._running: dict[bytes, asyncio.Future[T]] = {}
+        self._running: dict[bytes, tuple[asyncio.Future[T], list[int]]] = {}
 
     async def run(self, key: bytes, compute: Callable[[], Awaitable[T]]) -> T:
-        future = self._running.get(key)
-        if future is None:
-            future = asyncio.ensure_future(compute())
-            self._running[key] = future
-            future.add_done_callback(lambda done: self._finished(key, done))
-        return await asyncio.shield(future)
+        entry = self._running.get(key)
+        if entry is None:
+            started: asyncio.Future[T] = asyncio.ensure_future(compute())
+            entry = self._running[key] = (started, [0])
+            started.add_done_callback(lambda done: self._finished(key, done))
+        future, waiters = entry
+        waiters[0] += 1
+        try:
+            return await asyncio.shield(future)
+        finally:
+            waiters[0] -= 1
+            if waiters[0] == 0 and not future.done():
+                if self._running.get(key) is entry:
+                    del self._running[key]  # a later caller starts afresh
+                future.cancel()  # nobody wants the answer any more
 
     def _finished(self, key: bytes, future: asyncio.Future[T]) -> None:
-        self._running.pop(key, None)
+        entry = self._running.get(key)
+        if entry is not None and entry[0] is future:
+            del self._running[key]
         if not future.cancelled():
             future.exception()  # retrieved: no "never retrieved" noise if every caller left

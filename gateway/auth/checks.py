@@ -38,9 +38,22 @@ def check_auth(config: GatewayConfig) -> Iterable[Problem]:
     yield from _check_api_keys(config)
     if config.auth.jwt is not None:
         yield from _check_jwt(config.auth.jwt)
+    yield from _check_lockout(config)
+
+
+def _check_lockout(config: GatewayConfig) -> Iterator[Problem]:
     lockout = config.auth.lockout
-    if lockout.window <= 0:
-        yield Problem("auth.lockout.window", "must be greater than 0")
+    if lockout.max_failures <= 0:
+        return  # off: its other keys are never used, so never judged
+    for key in ("window", "block_seconds", "max_tracked"):
+        if getattr(lockout, key) <= 0:
+            yield Problem(f"auth.lockout.{key}", "must be greater than 0")
+    ceiling = lockout.address_max_failures
+    if ceiling is not None and ceiling < lockout.max_failures:
+        yield Problem(
+            "auth.lockout.address_max_failures",
+            "must be at least max_failures (an address carries many users)",
+        )
 
 
 def _check_users(config: GatewayConfig) -> Iterator[Problem]:

@@ -37,9 +37,12 @@ _MESSAGES: Final[dict[str, str]] = {
 class AuthFailure(Exception):
     """Raised by the verifiers; the Authenticator turns it into a 401."""
 
-    def __init__(self, reason: Reason) -> None:
+    def __init__(self, reason: Reason, *, delay: float | None = None) -> None:
         super().__init__(reason)
         self.reason: Reason = reason
+        # Set when the lockout already counted this failure (a password check): the delay
+        # to put on the 401. None: not counted yet (the Authenticator counts it).
+        self.delay = delay
 
     @property
     def message(self) -> str:

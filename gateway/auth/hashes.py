@@ -66,12 +66,16 @@ _REFUSED: Final = {
 PASSWORDS: Final = CryptContext(schemes=list(ACCEPTED_SCHEMES))
 _REFUSED_CONTEXT: Final = CryptContext(schemes=list(_REFUSED))
 
-# `hash-password --scheme` choices and their costs (~50-300 ms on a current core).
+# `hash-password --scheme` choices and their costs (~50-500 ms on a current core).
 HASH_SCHEMES: Final = {
-    "bcrypt": passlib_hash.bcrypt.using(rounds=12),
     "argon2": passlib_hash.argon2,  # passlib's defaults: argon2id, 64 MiB, t=3
+    "bcrypt_sha256": passlib_hash.bcrypt_sha256.using(rounds=12),  # no 72-byte cut
+    "bcrypt": passlib_hash.bcrypt.using(rounds=12),
     "pbkdf2_sha256": passlib_hash.pbkdf2_sha256.using(rounds=600_000),  # OWASP 2023
 }
+# The default has no length trap: plain bcrypt ignores every byte after the 72nd.
+DEFAULT_HASH_SCHEME: Final = "argon2"
+BCRYPT_MAX_BYTES: Final = 72
 
 MAX_PASSWORD_BYTES: Final = 1024  # longer "passwords" are refused before hashing (CPU DoS)
 

@@ -6,8 +6,8 @@ neither leaks threads nor sockets; the app's cleanup closes it.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -16,11 +16,8 @@ from typing import Final
 import aiohttp
 
 from gateway.auth import hashes
-from gateway.errors import TooManyRequests
+from gateway.auth.hash_queue import FairHashQueue, HashJob
 
-# Cold verifications waiting for a thread at most; beyond it new ones are refused (429)
-# rather than queued without bound (a flood of distinct bad passwords is a CPU DoS).
-MAX_PENDING_HASHES: Final = 256
 HASH_THREAD_NICE: Final = 10
 JWKS_TIMEOUT: Final = aiohttp.ClientTimeout(total=5.0, connect=3.0)
 
@@ -35,39 +32,39 @@ def _lower_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASH_THREAD_NICE)
 
 
+def _workers() -> int:
+    return max(2, os.cpu_count() or 2)
+
+
 class AuthResources:
-    __slots__ = ("_executor", "_session", "_pending")
+    __slots__ = ("_executor", "_session", "_closed", "hash_queue")
 
     def __init__(self) -> None:
         self._executor: ThreadPoolExecutor | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._pending = 0
+        self._closed = False
+        workers = _workers()
+        # At most workers - 1 per address (and 1-2): a thread is always left for the others.
+        per_address = max(1, min(2, workers - 1))
+        self.hash_queue = FairHashQueue(
+            self._hash_executor, workers=workers, per_address=per_address
+        )
 
     def _hash_executor(self) -> ThreadPoolExecutor:
         # A pool of its own: hashes queued here never starve the loop's default executor
         # (DNS lookups for the upstream use it). One thread per core: hashing is CPU-bound
         # and releases the GIL, so the event loop keeps running between them.
+        if self._closed:
+            raise RuntimeError("authentication resources are closed")
         if self._executor is None:
-            workers = max(2, os.cpu_count() or 2)
             self._executor = ThreadPoolExecutor(
-                workers, thread_name_prefix="gateway-hash", initializer=_lower_priority
+                _workers(), thread_name_prefix="gateway-hash", initializer=_lower_priority
             )
         return self._executor
 
-    async def verify_password(self, password: str, hashed: str) -> bool:
-        """Check a password against a passlib hash off the event loop."""
-        if self._pending >= MAX_PENDING_HASHES:
-            raise TooManyRequests(
-                "too many logins in progress", reason="auth_busy", headers={"Retry-After": "1"}
-            )
-        self._pending += 1
-        try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(
-                self._hash_executor(), hashes.verify, password, hashed
-            )
-        finally:
-            self._pending -= 1
+    def submit_password_check(self, address: str, password: str, hashed: str) -> HashJob[bool]:
+        """Queue a password check for `address` (fair across addresses; 429/503 when full)."""
+        return self.hash_queue.submit(address, functools.partial(hashes.verify, password, hashed))
 
     def http_session(self) -> aiohttp.ClientSession:
         """The session JWKS fetches use (aiohttp: never pyjwt's blocking urllib client)."""
@@ -78,6 +75,7 @@ class AuthResources:
         return self._session
 
     async def close(self) -> None:
+        self._closed = True
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -31,7 +31,13 @@ def add_auth_commands(sub: Any) -> None:
     hp = sub.add_parser(
         "hash-password", help="hash a password for auth.users (reads stdin, or prompts on a tty)"
     )
-    hp.add_argument("--scheme", choices=sorted(hashes.HASH_SCHEMES), default="bcrypt")
+    hp.add_argument(
+        "--scheme",
+        choices=sorted(hashes.HASH_SCHEMES),
+        default=hashes.DEFAULT_HASH_SCHEME,
+        help=f"default {hashes.DEFAULT_HASH_SCHEME} (argon2id); bcrypt refuses passwords "
+        f"over {hashes.BCRYPT_MAX_BYTES} bytes, which it would silently cut",
+    )
     hp.set_defaults(func=cmd_hash_password)
 
     nk = sub.add_parser("new-key", help="make an API key; prints it once, plus its config entry")
@@ -74,8 +80,18 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
     if not password:
         print("empty password refused", file=sys.stderr)
         return EXIT_USAGE
-    if len(password.encode()) > hashes.MAX_PASSWORD_BYTES:
+    size = len(password.encode())
+    if size > hashes.MAX_PASSWORD_BYTES:
         print(f"password longer than {hashes.MAX_PASSWORD_BYTES} bytes refused", file=sys.stderr)
+        return EXIT_USAGE
+    if args.scheme == "bcrypt" and size > hashes.BCRYPT_MAX_BYTES:
+        # bcrypt would ignore the rest: any password sharing the first 72 bytes would log in.
+        print(
+            f"this password is {size} bytes; bcrypt uses only the first "
+            f"{hashes.BCRYPT_MAX_BYTES} and ignores the rest. Use --scheme argon2 (the "
+            "default) or bcrypt_sha256, or a shorter password",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     print(hashes.HASH_SCHEMES[args.scheme].hash(password))
     return 0

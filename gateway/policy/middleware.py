@@ -16,7 +16,12 @@ from gateway.policy.cors import (
 from gateway.policy.fields import LISTING_PATHS, body_spec, path_model
 from gateway.policy.listing import SHAPES, ListingTap
 from gateway.policy.models import ModelNameError, check_model_name, normalise_model
-from gateway.policy.paths import PathError, canonical_path, loggable_target
+from gateway.policy.paths import (
+    PathError,
+    canonical_path,
+    loggable_target,
+    split_upstream_prefix,
+)
 from gateway.policy.routes import Access
 from gateway.relay import add_tap
 
@@ -41,6 +46,7 @@ async def canonical_path_stage(request: web.Request, handler: Handler) -> web.St
     except PathError as exc:
         ctx.path = loggable_target(ctx.path)  # never a userinfo password in the access log
         raise BadRequest(str(exc), reason="path") from None
+    ctx.path, ctx.pinned_upstream = split_upstream_prefix(ctx.path)
     ctx.route_class = ctx.state.policy.classify(ctx.path)
     return await handler(request)
 

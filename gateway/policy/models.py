@@ -74,6 +74,13 @@ def normalise_glob(pattern: str) -> str:
     return lowered
 
 
+def compile_glob(pattern: str) -> re.Pattern[str]:
+    """One model glob (normalised like names) as a full-match pattern."""
+    return re.compile(
+        ".*".join(re.escape(piece) for piece in normalise_glob(pattern).split("*")), re.DOTALL
+    )
+
+
 def _compile(patterns: Iterable[str]) -> re.Pattern[str] | None:
     parts = [
         ".*".join(re.escape(piece) for piece in normalise_glob(p).split("*")) for p in patterns

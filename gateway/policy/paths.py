@@ -89,3 +89,20 @@ def _decode_segment(raw: str) -> str:
             out.append(char)
             i += 1
     return "".join(out)
+
+
+UPSTREAM_PREFIX = "/upstreams/"
+
+
+def split_upstream_prefix(path: str) -> tuple[str, str | None]:
+    """`/upstreams/NAME/api/pull` -> (`/api/pull`, NAME); other paths -> (path, None).
+
+    Applied to the canonical path, so the policy judges and the relay forwards the path
+    without the prefix (a non-admin is refused `/upstreams/x/api/pull` as `/api/pull`).
+    """
+    if not path.lower().startswith(UPSTREAM_PREFIX):
+        return path, None
+    name, _, tail = path[len(UPSTREAM_PREFIX) :].partition("/")
+    if not name:
+        return path, None
+    return "/" + tail, name

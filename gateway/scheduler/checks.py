@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from gateway.config import GatewayConfig, UpstreamConfig
-from gateway.config_load import Problem, register_check
+from gateway.config_load import Problem, register_check, upstream_paths
 from gateway.policy.models import GLOB_CHARS
 
 
@@ -18,7 +18,8 @@ def check_slots(path: str, upstream: UpstreamConfig) -> Iterable[Problem]:
 
 @register_check
 def check_scheduler(config: GatewayConfig) -> Iterable[Problem]:
-    yield from check_slots("upstream", config.upstream)
+    for path, upstream in upstream_paths(config):
+        yield from check_slots(path, upstream)
     scheduler = config.scheduler
     if scheduler.max_queue_per_user < 1:
         yield Problem("scheduler.max_queue_per_user", "must be at least 1")

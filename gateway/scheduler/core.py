@@ -259,6 +259,11 @@ class FairScheduler:
         """(key, in use, capacity) of every pool seen."""
         return [(k, p.in_use, self.policy.slots_for(k)) for k, p in self._pools.items()]
 
+    def load(self, key: SlotKey) -> tuple[int, int]:
+        """(slots in use, capacity) of one (upstream, model)."""
+        pool = self._pools.get(key)
+        return (pool.in_use if pool is not None else 0), self.policy.slots_for(key)
+
     def waiting_by_priority(self) -> dict[int, int]:
         counts: dict[int, int] = {}
         for name in self._backlogged:

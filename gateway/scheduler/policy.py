@@ -9,17 +9,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from gateway.config import GatewayConfig, UpstreamConfig
-from gateway.policy.models import is_cloud, normalise_glob
+from gateway.config import DEFAULT_UPSTREAM_NAME, GatewayConfig, UpstreamConfig
+from gateway.policy.models import compile_glob, is_cloud
 from gateway.scheduler.slots import SlotKey
 
-DEFAULT_UPSTREAM = "default"  # the name of the one server of `upstream:`
-
-
-def _glob(pattern: str) -> re.Pattern[str]:
-    return re.compile(
-        ".*".join(re.escape(piece) for piece in normalise_glob(pattern).split("*")), re.DOTALL
-    )
+DEFAULT_UPSTREAM = DEFAULT_UPSTREAM_NAME  # the name of the one server of `upstream:`
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +27,7 @@ class SlotTable:
     def from_upstream(cls, upstream: UpstreamConfig) -> SlotTable:
         return cls(
             default=upstream.slots,
-            overrides=tuple((_glob(g), n) for g, n in upstream.model_slots.items()),
+            overrides=tuple((compile_glob(g), n) for g, n in upstream.model_slots.items()),
         )
 
     def slots_for(self, model: str) -> int:
@@ -63,7 +57,7 @@ class GatewaySchedulingPolicy:
     def from_config(cls, config: GatewayConfig) -> GatewaySchedulingPolicy:
         scheduler = config.scheduler
         return cls(
-            tables={DEFAULT_UPSTREAM: SlotTable.from_upstream(config.upstream)},
+            tables={name: SlotTable.from_upstream(u) for name, u in config.servers},
             max_queue_per_user=scheduler.max_queue_per_user,
             max_queue=scheduler.max_queue,
             queue_timeout=scheduler.queue_timeout,
@@ -96,3 +90,24 @@ class GatewaySchedulingPolicy:
         if len(self._shares) < 10_000:  # JWT subjects are caller input: bounded
             self._shares[(user, roles)] = share
         return share
+
+
+def slots_in_effect(config: GatewayConfig) -> str:
+    """The line `serve` logs at start: a wrong `slots` is the likeliest mistake to make."""
+    parts = []
+    for name, upstream in config.servers:
+        overrides = ", ".join(f"{glob}={n}" for glob, n in upstream.model_slots.items())
+        where = upstream.url if config.upstreams is None else f"{name} ({upstream.url})"
+        if upstream.slots == 0 and not upstream.model_slots:
+            parts.append(f"no queue at {where} (slots: 0)")
+        else:
+            parts.append(
+                f"{upstream.slots} slot(s) per model at {where}"
+                + (f" ({overrides})" if overrides else "")
+            )
+    return (
+        "fair queue: "
+        + "; ".join(parts)
+        + "; slots must equal each Ollama's OLLAMA_NUM_PARALLEL (too low wastes the GPU, "
+        "too high brings back Ollama's first-come queue)"
+    )

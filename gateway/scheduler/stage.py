@@ -50,7 +50,7 @@ async def queue_stage(request: web.Request, handler: Handler) -> web.StreamRespo
     if model is None or request.method != "POST" or ctx.path.lower() not in SCHEDULED_PATHS:
         return await handler(request)
     policy = ctx.state.scheduling
-    key = (DEFAULT_UPSTREAM, model)
+    key = (ctx.upstream or DEFAULT_UPSTREAM, model)
     if policy.slots_for(key) == 0:
         return await handler(request)  # `slots: 0`: no queue at the gateway
     ticket = Ticket(
