@@ -140,6 +140,35 @@ async def test_the_slot_goes_round_the_replicas_with_waiters(
     assert fake.max_running[MODEL] == 1
 
 
+async def test_waiting_on_another_replica_departures_and_timeouts_reach_no_ollama(
+    redis_server: RedisServer,
+    fake: FakeOllama,
+    gateway_factory: GatewayFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    cfg = config(fake, redis_server.url)
+    cfg["upstream"]["slots"] = 1
+    cfg["scheduler"] = {"queue_timeout": 1}
+    one, two = await gateway_factory(cfg), await gateway_factory(cfg)
+    fake.hang_after_chunks = 1
+    held = await http.post(one.url + "/api/generate", json=STREAM, headers=USERS["alice"])
+    await fake.wait_for(lambda: fake.running(MODEL) == 1)
+    leaving = asyncio.ensure_future(generate(http, two.url, "bob"))
+    await until(lambda: two.app[SCHEDULER].waiting_total == 1)
+    leaving.cancel()  # its client leaves while two asks Redis for a slot
+    with contextlib.suppress(asyncio.CancelledError):
+        await leaving
+    await until(lambda: two.app[SCHEDULER].waiting_total == 0)
+    async with http.post(two.url + "/api/generate", json=STREAM, headers=USERS["bob"]) as late:
+        assert late.status == 503  # waited queue_timeout: Redis never had a free slot
+        assert "Retry-After" in late.headers
+    assert len(fake.requests_to("/api/generate")) == 1
+    fake.resume()
+    held.close()
+    assert await generate(http, two.url, "bob") == 200
+    await until(lambda: holders(redis_server) == 0)  # no lease leaked on the way
+
+
 async def test_a_killed_replica_frees_its_slots_when_their_leases_end(
     redis_server: RedisServer, fake: FakeOllama, serve: Serve, http: aiohttp.ClientSession
 ) -> None:
