@@ -29,7 +29,7 @@ from tests.redis_server import RedisServer
 pytestmark = pytest.mark.redis
 
 MODEL = "llama3.2:latest"
-USERS = {name: basic(name, "pw") for name in ("alice", "bob")}
+USERS = {name: basic(name, "pw") for name in ("alice", "bob", "carol")}
 STREAM = {"model": "llama3.2", "prompt": "hi"}
 GENERATE = {"model": "llama3.2", "prompt": "hi", "stream": False}
 SLOTS = 2
@@ -212,6 +212,34 @@ async def test_counters_are_the_same_on_every_replica(
         await until(lambda s=scheduler, e=expected: s.counter("alice") == e)  # type: ignore[misc]
         assert shared_counter(redis_server, "alice") == expected
     assert shared_counter(redis_server, "bob") == 0.0
+
+
+async def test_a_replica_orders_its_queue_by_what_users_used_on_other_replicas(
+    redis_server: RedisServer,
+    fake: FakeOllama,
+    gateway_factory: GatewayFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    cfg = config(fake, redis_server.url)
+    cfg["upstream"]["slots"] = 1
+    one, two = await gateway_factory(cfg), await gateway_factory(cfg)
+    for _ in range(3):  # alice's usage, all of it on replica one
+        assert await generate(http, one.url, "alice", GENERATE) == 200
+    await until(lambda: shared_counter(redis_server, "alice") == 3 * sum(fake.usage))
+    fake.hang_after_chunks = 1
+    held = await http.post(two.url + "/api/generate", json=STREAM, headers=USERS["carol"])
+    await fake.wait_for(lambda: fake.running(MODEL) == 1)
+    calls = [asyncio.ensure_future(generate(http, two.url, "alice", {**GENERATE, "prompt": "a"}))]
+    await until(lambda: two.app[SCHEDULER].waiting_total == 1)
+    calls.append(asyncio.ensure_future(generate(http, two.url, "bob", {**GENERATE, "prompt": "b"})))
+    await until(lambda: two.app[SCHEDULER].waiting_total == 2)
+    assert two.app[SCHEDULER].counter("alice") == 0.0  # two has not asked Redis yet
+    fake.resume()
+    held.close()
+    assert await asyncio.gather(*calls) == [200, 200]
+    # Replica two never served alice before, yet bob goes first: the take that won the slot
+    # brought her counter from Redis.
+    assert [g.request.json["prompt"] for g in fake.grants[-2:]] == ["b", "a"]
 
 
 async def test_redis_down_with_allow_falls_back_to_local_slots(
