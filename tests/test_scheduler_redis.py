@@ -102,6 +102,7 @@ async def test_two_gateway_processes_never_exceed_the_slots_together(
 ) -> None:
     cfg = config(fake, redis_server.url)
     one, two = await asyncio.gather(serve(cfg), serve(cfg))
+    assert await one.wait_line(r"fair queue: .*shared by every replica through")
     calls = [generate(http, (one, two)[i % 2].url, ("alice", "bob")[i // 2 % 2]) for i in range(12)]
     assert await asyncio.gather(*calls) == [200] * 12
     assert len(fake.requests_to("/api/generate")) == 12

@@ -105,6 +105,8 @@ def slots_in_effect(config: GatewayConfig) -> str:
                 f"{upstream.slots} slot(s) per model at {where}"
                 + (f" ({overrides})" if overrides else "")
             )
+    if config.rate_limits.store != "memory":
+        parts.append("shared by every replica through rate_limits.store (Redis)")
     return (
         "fair queue: "
         + "; ".join(parts)
