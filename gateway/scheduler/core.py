@@ -462,7 +462,8 @@ class FairScheduler:
                 await wake.wait()  # only a local release can help
                 continue
             try:
-                taken = await self.store.take(pool.key, capacity, list(pool.queues))
+                last = pool.waiting == 1  # then the replica leaves the line in the same call
+                taken = await self.store.take(pool.key, capacity, list(pool.queues), last)
             except StoreUnavailable:
                 if not self.fail_open:
                     self._refuse_all(pool)

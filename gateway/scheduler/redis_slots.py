@@ -60,7 +60,8 @@ end
 
 # KEYS[1] holders zset, KEYS[2] counters hash, KEYS[3] line zset (replica -> turn),
 # KEYS[4] zset replica -> last poll.
-# ARGV: replica, holder, capacity, lease ttl, stale seconds, users to read back...,
+# ARGV: replica, holder, capacity, lease ttl, stale seconds, last ('1': this take serves
+#       the replica's last waiter, so it leaves the line), users to read back...,
 #       counters ttl (unused here)
 # -> {taken 0|1, {counter or false per user}}
 TAKE = (
@@ -85,11 +86,16 @@ local free = tonumber(ARGV[3]) - redis.call('ZCARD', KEYS[1])
 if free > 0 and redis.call('ZRANK', KEYS[3], replica) < free then
   redis.call('ZADD', KEYS[1], fmt(now + ttl), ARGV[2])
   redis.call('PEXPIRE', KEYS[1], keep)
-  redis.call('ZADD', KEYS[3], 'XX', fmt(now), replica)  -- to the back of the line
+  if ARGV[6] == '1' then
+    redis.call('ZREM', KEYS[3], replica)
+    redis.call('ZREM', KEYS[4], replica)
+  else
+    redis.call('ZADD', KEYS[3], 'XX', fmt(now), replica)  -- to the back of the line
+  end
   taken = 1
 end
 local counters = {}
-if #ARGV > 6 then counters = redis.call('HMGET', KEYS[2], unpack(ARGV, 6, #ARGV - 1)) end
+if #ARGV > 7 then counters = redis.call('HMGET', KEYS[2], unpack(ARGV, 7, #ARGV - 1)) end
 return {taken, counters}
 """
 )
@@ -170,8 +176,11 @@ class RedisSlots(StoreHealth):
         self.held: dict[str, str] = {}  # holder -> its zset, for the heartbeat
         self._heartbeat: asyncio.Task[None] | None = None
         self._down_until = 0.0  # monotonic: takes fail fast until then
+        self._in_line: set[SlotKey] = set()  # keys whose line this replica may stand in
 
-    async def take(self, key: SlotKey, capacity: int, users: Sequence[str]) -> Taken:
+    async def take(
+        self, key: SlotKey, capacity: int, users: Sequence[str], last: bool = False
+    ) -> Taken:
         if self._down_until and time.monotonic() < self._down_until:
             self.failed(StoreUnavailable("slot store down"))
             raise StoreUnavailable("slot store down (recent failure)")
@@ -184,6 +193,7 @@ class RedisSlots(StoreHealth):
             str(capacity),
             repr(self.lease_seconds),
             repr(STALE_SECONDS),
+            "1" if last else "0",
             *asked,
             str(COUNTERS_TTL),
         ]
@@ -198,7 +208,12 @@ class RedisSlots(StoreHealth):
         self.succeeded()
         known = {u: float(text(c)) for u, c in zip(asked, counters, strict=False) if c}
         if not int(taken):
+            self._in_line.add(key)
             return Taken(None, known)
+        if last:
+            self._in_line.discard(key)
+        else:
+            self._in_line.add(key)
         self.held[holder] = zset
         if self._heartbeat is None:
             self._heartbeat = asyncio.create_task(self._keep_leases())
@@ -216,6 +231,9 @@ class RedisSlots(StoreHealth):
         return None if value is None else float(text(value))
 
     async def leave(self, key: SlotKey) -> None:
+        if key not in self._in_line:
+            return  # its last take left the line already: no round trip
+        self._in_line.discard(key)
         try:
             await self._leave(keys=line_keys(key), args=[self.replica])
         except STORE_ERRORS as error:  # dropped from the line once stale

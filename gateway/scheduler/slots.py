@@ -38,7 +38,13 @@ class SlotStore(Protocol):
     remote: bool  # False: the scheduler counts slots itself and never calls take/give
     on_store_error: list[Callable[[], None]]  # called on every failed call (metrics)
 
-    async def take(self, key: SlotKey, capacity: int, users: Sequence[str]) -> Taken: ...
+    async def take(
+        self, key: SlotKey, capacity: int, users: Sequence[str], last: bool = False
+    ) -> Taken:
+        """A lease of `key` if fewer than `capacity` are held everywhere (and it is this
+        replica's turn), with the counters of `users`; `last`: it serves the last waiter."""
+        ...
+
     async def give(self, key: SlotKey, holder: str, user: str, delta: float) -> float | None:
         """Free a lease and add `delta` to the user's counter; the counter after, or None."""
         ...
@@ -66,7 +72,9 @@ class LocalSlots:
     def __init__(self) -> None:
         self.on_store_error: list[Callable[[], None]] = []
 
-    async def take(self, key: SlotKey, capacity: int, users: Sequence[str]) -> Taken:
+    async def take(
+        self, key: SlotKey, capacity: int, users: Sequence[str], last: bool = False
+    ) -> Taken:
         return Taken("local")
 
     async def give(self, key: SlotKey, holder: str, user: str, delta: float) -> float | None:
