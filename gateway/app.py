@@ -46,7 +46,7 @@ from gateway.scheduler import FairScheduler
 from gateway.scheduler.stage import queue_stage
 from gateway.state import GatewayState, StateHolder
 from gateway.upstream_client import UpstreamPool
-from gateway.upstreams.registry import Cluster
+from gateway.upstreams.registry import Cluster, Timings
 from gateway.upstreams.stage import upstream_stage
 
 
@@ -155,7 +155,7 @@ def create_app(config: GatewayConfig, **deps: Any) -> web.Application:
     # Created once per app like the limiter: queues and counters survive reloads.
     app[SCHEDULER] = scheduler = FairScheduler(app[STATE].current.scheduling)
     app[STATE].on_swap.append(lambda state: scheduler.reconfigure(state.scheduling))
-    app[CLUSTER] = cluster = Cluster(config)
+    app[CLUSTER] = cluster = Cluster(config, timings=deps.get("upstream_timings") or Timings())
     app[STATE].on_swap.append(lambda state: cluster.reconfigure(state.config))
     observers.append(QueueMetrics(metrics, scheduler).observe)
     app.cleanup_ctx.append(_limiter)
