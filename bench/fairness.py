@@ -4,9 +4,10 @@
         [--out bench/results/fairness.md]
 
 Starts the fast upstream (bench/fast_upstream.py) with Ollama-like slots (`--parallel P`: P
-streams per model at once, the rest queued FIFO, no depth limit) and three gateways in front of
-it (`python -m gateway serve`): one with `upstream.slots: P` for the fairness scenarios, and one
-each with `slots: 0` and `slots: 4` for the cost of the scheduler. Then, on 127.0.0.1:
+streams per model at once, the rest queued FIFO, no depth limit) and two gateways in front of
+it (`python -m gateway serve`): one with `upstream.slots: P` for the fairness scenarios, one
+reloaded (SIGHUP) between `slots: 0` and `slots: 4` for the cost of the scheduler. Then, on
+127.0.0.1:
 
 1. Newcomer: user A keeps 24 long streams in flight (re-sending as each ends) while user B
    sends one short request every few generations; B's time to first record, p50/p99, through
@@ -14,7 +15,8 @@ each with `slots: 0` and `slots: 4` for the cost of the scheduler. Then, on 127.
 2. Weighted share: users of weight 1 and 3 both keep more requests in flight than there are
    slots; the tokens (streamed records) each receives over a window, and their ratio.
 3. Scheduler cost: uncontended sequential short streams through `slots: 0` and `slots: 4`,
-   interleaved rounds; the difference of the median request time, in µs.
+   in alternating blocks; the gateway's CPU time per request and the request time, each as
+   the median difference between paired blocks, in µs.
 
 Prints one markdown report with PASS/FAIL per target (also written to `--out`). `--plumbing`
 leaves every scheduler key out of the gateway configs (for a gateway without the scheduler):
@@ -32,6 +34,7 @@ import os
 import re
 import secrets
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -41,6 +44,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -73,8 +78,8 @@ class Plan:
     share_chunks: int
     share_warm: float
     share_seconds: float  # the window over which tokens are counted
-    cost_requests: int  # per round and gateway
-    cost_rounds: int
+    cost_block: int  # requests per block
+    cost_blocks: int  # blocks per gateway, alternating between the two gateways
 
     @property
     def generation_s(self) -> float:
@@ -82,9 +87,9 @@ class Plan:
 
 
 PLANS = {
-    "full": Plan("full", 24, 51, 5, 10.0, 1.5, 60.0, 30.0, 11, 2.0, 40.0, 4000, 5),
-    "quick": Plan("quick", 24, 21, 5, 10.0, 0.6, 15.0, 8.0, 11, 1.0, 12.0, 1500, 3),
-    "smoke": Plan("smoke", 24, 6, 3, 10.0, 0.25, 2.0, 1.2, 6, 0.5, 2.0, 100, 1),
+    "full": Plan("full", 24, 51, 5, 10.0, 1.5, 60.0, 30.0, 11, 2.0, 40.0, 200, 60),
+    "quick": Plan("quick", 24, 21, 5, 10.0, 0.6, 15.0, 8.0, 11, 1.0, 12.0, 100, 30),
+    "smoke": Plan("smoke", 24, 6, 3, 10.0, 0.25, 2.0, 1.2, 6, 0.5, 2.0, 50, 2),
 }
 
 
@@ -251,6 +256,14 @@ async def keep_backlogged(
             _count(into.failures, type(task.exception()).__name__)
 
 
+def _read_from(path: Path, offset: int) -> tuple[bytes, int]:
+    """What a log file gained since `offset`, and the new offset."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    return data, offset + len(data)
+
+
 def _count(failures: dict[str, int], key: str, n: int = 1) -> None:
     failures[key] = failures.get(key, 0) + n
 
@@ -283,14 +296,22 @@ class Share:
 
 @dataclass
 class Cost:
-    p50_us: dict[str, list[float]] = field(default_factory=dict)  # per gateway, one per round
-    mean_us: dict[str, list[float]] = field(default_factory=dict)
+    """Per gateway, one value per block (blocks of the two gateways alternate, paired by index)."""
+
+    cpu_us: dict[str, list[float]] = field(default_factory=dict)  # gateway CPU per request
+    p50_us: dict[str, list[float]] = field(default_factory=dict)  # request time, block median
     requests: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
 
-    def median(self, name: str, which: str = "p50") -> float:
-        values = (self.p50_us if which == "p50" else self.mean_us).get(name) or []
-        return load.percentile(values, 50)
+    def median(self, name: str, which: str) -> float:
+        return load.percentile(getattr(self, which).get(name) or [], 50)
+
+    def added(self, base: str, other: str, which: str, q: float = 50) -> float | None:
+        """Percentile q over block pairs of (other - base): slow drifts of a shared machine
+        cancel; the median is the estimate, p25..p75 its spread (the noise floor)."""
+        a, b = getattr(self, which).get(base) or [], getattr(self, which).get(other) or []
+        pairs = [y - x for x, y in zip(a, b, strict=False)]
+        return load.percentile(pairs, q) if pairs else None
 
 
 # ---------------------------------------------------------------- the run
@@ -304,7 +325,8 @@ class FairnessBench:
         self.services: list[Service] = []
         self.upstream: Service | None = None
         self.fair: Service | None = None
-        self.cost_gateways: dict[str, Service] = {}
+        self.cost_gateway: Service | None = None
+        self.cost_log_offset = 0
         self.t0 = time.monotonic()
 
     def start(self) -> None:
@@ -322,8 +344,7 @@ class FairnessBench:
         plumbing = self.args.plumbing
         gateways = [
             ("gateway-fair", None if plumbing else self.args.parallel),
-            ("gateway-slots0", None if plumbing else 0),
-            (f"gateway-slots{COST_SLOTS}", None if plumbing else COST_SLOTS),
+            ("gateway-cost", None if plumbing else 0),  # reloaded between slots 0 and 4
         ]
         for name, slots in gateways:
             up = self.upstream.port
@@ -352,7 +373,7 @@ class FairnessBench:
             if name == "gateway-fair":
                 self.fair = service
             else:
-                self.cost_gateways[name] = service
+                self.cost_gateway = service
 
     def stop(self) -> None:
         for service in reversed(self.services):
@@ -496,9 +517,11 @@ class FairnessBench:
     async def cost(self) -> Cost:
         plan = self.plan
         result = Cost()
+        service = self.cost_gateway
+        assert service is not None and self.upstream is not None
         await self.upstream_idle()
 
-        async def run(name: str, service: Service, requests: int) -> load.RpsResult:
+        async def run(requests: int) -> load.RpsResult:
             req = load.chat_request(
                 HOST,
                 service.port,
@@ -518,32 +541,68 @@ class FairnessBench:
                 request=req,
             )
 
-        for name, service in self.cost_gateways.items():  # warm-up, not counted
-            await run(name, service, max(50, plan.cost_requests // 5))
-        for rnd in range(plan.cost_rounds):
-            order = list(self.cost_gateways.items())
-            if rnd % 2:
-                order.reverse()  # neither gateway always runs first
-            for name, service in order:
-                self.progress(f"cost {name} round {rnd + 1}/{plan.cost_rounds}")
-                r = await run(name, service, plan.cost_requests)
+        await run(max(50, plan.cost_block))  # warm-up, not counted
+        self.progress(f"cost: {plan.cost_blocks} blocks of {plan.cost_block} per setting")
+        for block in range(plan.cost_blocks):
+            order = [0, COST_SLOTS] if block % 2 == 0 else [COST_SLOTS, 0]  # neither always first
+            for slots in order:
+                name = f"slots: {slots}"
+                await self.reload_cost_gateway(slots)
+                await run(max(20, plan.cost_block // 10))  # after the reload: warm, not counted
+                cpu_before = service.cpu_seconds()
+                r = await run(plan.cost_block)
+                cpu = service.cpu_seconds() - cpu_before
+                result.cpu_us.setdefault(name, []).append(cpu / max(1, r.requests) * 1e6)
                 result.p50_us.setdefault(name, []).append(r.p50_ms * 1000)
-                result.mean_us.setdefault(name, []).append(r.seconds / max(1, r.requests) * 1e6)
                 result.requests[name] = result.requests.get(name, 0) + r.requests
                 result.errors[name] = result.errors.get(name, 0) + r.non_2xx + r.socket_errors
         return result
 
+    async def reload_cost_gateway(self, slots: int) -> None:
+        """Rewrite the cost gateway's config with `slots` and SIGHUP it; wait for the reload.
+
+        One process for both settings: two processes differ by tens of µs per request on
+        their own (memory layout, CPU caches), more than the cost being measured."""
+        service = self.cost_gateway
+        assert service is not None and self.upstream is not None
+        config = fairness_config(
+            service.port,
+            self.upstream.port,
+            self.users,
+            slots=None if self.args.plumbing else slots,
+        )
+        (self.workdir / "gateway-cost.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        offset = service.log.stat().st_size
+        os.kill(service.popen.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        seen = b""
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            data, offset = _read_from(service.log, offset)
+            seen += data
+            if b"config reloaded from" in seen:
+                return
+            if b"reload refused" in seen:
+                tail = seen.decode(errors="replace")[-2000:]
+                raise RuntimeError(f"the gateway refused slots: {slots}:\n{tail}")
+        raise RuntimeError(f"no reload of the cost gateway within 10 s (slots: {slots})")
+
     async def run(self) -> str:
         assert self.upstream is not None and self.fair is not None
         self.t0 = time.monotonic()
-        self.progress("newcomer through the gateway")
-        via = await self.newcomer("gateway", self.fair.port, self.plan.gateway_seconds)
-        self.progress("newcomer straight to the upstream")
-        direct = await self.newcomer("direct", self.upstream.port, self.plan.direct_seconds)
-        self.progress("weighted share")
-        share = await self.share(self.fair.port)
-        self.progress("scheduler cost")
-        cost = await self.cost()
+        phases = self.args.phases
+        via, direct, share, cost = Newcomer("gateway"), Newcomer("direct"), Share(), Cost()
+        if "newcomer" in phases:
+            self.progress("newcomer through the gateway")
+            via = await self.newcomer("gateway", self.fair.port, self.plan.gateway_seconds)
+            self.progress("newcomer straight to the upstream")
+            direct = await self.newcomer("direct", self.upstream.port, self.plan.direct_seconds)
+        if "share" in phases:
+            self.progress("weighted share")
+            share = await self.share(self.fair.port)
+        if "cost" in phases:
+            self.progress("scheduler cost")
+            cost = await self.cost()
         elapsed = time.monotonic() - self.t0
         notes = [
             f"command: `{shlex.join([sys.executable, *sys.argv])}`",
@@ -551,7 +610,8 @@ class FairnessBench:
             f"upstream: bench/fast_upstream.py --parallel {self.args.parallel} (FIFO per model, "
             f"no depth limit); records {self.plan.delay_ms:g} ms apart",
             f"gateways (uvloop, API keys, metrics, JSON access log): `slots: {self.args.parallel}`"
-            f" for 1 and 2; `slots: 0` and `slots: {COST_SLOTS}` for 3",
+            f" for 1 and 2; for 3 one gateway reloaded (SIGHUP) between `slots: 0` and "
+            f"`slots: {COST_SLOTS}`",
         ]
         if self.args.plumbing:
             notes.append(
@@ -631,24 +691,32 @@ def render(
 
     lines += [
         f"## Scheduler cost without contention: sequential short streams, 1 connection, "
-        f"{plan.cost_rounds} interleaved round(s) of {plan.cost_requests:,} per gateway",
+        f"{plan.cost_blocks} alternating blocks of {plan.cost_block:,} per setting",
         "",
-        "| gateway | requests | errors | request p50 µs (median of rounds) | mean µs |",
+        "One gateway process, reloaded (SIGHUP) between the two settings before each block. "
+        "CPU = the gateway process' CPU time (all threads) per request; request time = the "
+        "client's, per block at p50. Both: median over blocks.",
+        "",
+        "| setting | requests | errors | gateway CPU µs / request | request p50 µs |",
         "|---|---:|---:|---:|---:|",
     ]
     for name in cost.p50_us:
         lines.append(
             f"| {name} | {cost.requests.get(name, 0):,} | {cost.errors.get(name, 0)} | "
-            f"{_f(cost.median(name))} | {_f(cost.median(name, 'mean'))} |"
+            f"{_f(cost.median(name, 'cpu_us'))} | {_f(cost.median(name, 'p50_us'))} |"
         )
     names = list(cost.p50_us)
-    added = cost.median(names[1]) - cost.median(names[0]) if len(names) == 2 else None
-    added_mean = (
-        cost.median(names[1], "mean") - cost.median(names[0], "mean") if len(names) == 2 else None
-    )
+
+    def diff(which: str, q: float = 50) -> float | None:
+        return cost.added(names[0], names[1], which, q) if len(names) == 2 else None
+
+    added = diff("cpu_us")
     lines += [
         "",
-        f"Added by the scheduler: {_f(added)} µs per request at p50 ({_f(added_mean)} µs mean).",
+        f"Added by the scheduler (median of paired blocks, p25..p75 in brackets): {_f(added)} "
+        f"({_f(diff('cpu_us', 25))}..{_f(diff('cpu_us', 75))}) µs of gateway CPU per request; "
+        f"{_f(diff('p50_us'))} ({_f(diff('p50_us', 25))}..{_f(diff('p50_us', 75))}) µs of "
+        "request time at p50.",
         "",
     ]
 
@@ -681,7 +749,7 @@ def render(
             share_ok,
         ),
         (
-            f"scheduler cost per uncontended request (slots {COST_SLOTS} - slots 0, p50)",
+            f"scheduler cost per uncontended request: gateway CPU, slots {COST_SLOTS} - slots 0",
             f"{_f(added)} µs",
             f"<= {COST_MAX_US:g} µs",
             None if added is None or math.isnan(added) else added <= COST_MAX_US,
@@ -718,6 +786,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="no scheduler keys in the gateway configs (a gateway without the scheduler)",
     )
+    parser.add_argument(
+        "--phases",
+        default="newcomer,share,cost",
+        help="comma-separated subset of newcomer, share, cost (default: all three)",
+    )
     parser.add_argument("--out", type=Path, help="also write the report to this file")
     parser.add_argument("--no-pin", action="store_true", help="no CPU pinning")
     parser.add_argument("--keep-workdir", action="store_true", help="keep configs and logs")
@@ -725,6 +798,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.parallel < 1:
         parser.error("--parallel must be at least 1")
+    args.phases = {p.strip() for p in args.phases.split(",") if p.strip()}
+    if bad := args.phases - {"newcomer", "share", "cost"}:
+        parser.error(f"unknown phase(s): {', '.join(sorted(bad))}")
     return args
 
 

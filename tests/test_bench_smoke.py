@@ -114,7 +114,7 @@ async def _fairness_smoke(tmp_path: Path, *extra: str) -> str:
     assert all(int(r[2].replace(",", "")) > 0 and r[4] == "0" for r in share), share
 
     cost = _rows(report, "Scheduler cost")
-    assert [r[0] for r in cost] == ["gateway-slots0", "gateway-slots4"]
+    assert [r[0] for r in cost] == ["slots: 0", "slots: 4"]
     assert all(int(r[1]) == 100 and r[2] == "0" and float(r[3].replace(",", "")) > 0 for r in cost)
 
     verdicts = _rows(report, "Targets")
