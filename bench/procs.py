@@ -225,7 +225,8 @@ def gateway_config(port: int, upstream_port: int, htpasswd: Path | None) -> dict
         access, auth = {"public": True}, {}
     return {
         "listen": f"127.0.0.1:{port}",
-        "upstream": {"url": f"http://127.0.0.1:{upstream_port}"},
+        # The relay's cost against nginx: the fast upstream has no slot limit, so no queue.
+        "upstream": {"url": f"http://127.0.0.1:{upstream_port}", "slots": 0},
         "auth": auth,
         "roles": {
             "user": {

@@ -22,6 +22,7 @@ from gateway.keys import (
     LIMITER,
     METRICS,
     OBSERVERS,
+    SCHEDULER,
     STATE,
     UPSTREAM_POOL,
     UPSTREAM_UP,
@@ -31,10 +32,13 @@ from gateway.limits.middleware import admit_stage
 from gateway.logging_setup import server_log
 from gateway.metrics import GatewayMetrics
 from gateway.metrics_http import add_metrics_route, in_flight_stage
+from gateway.metrics_queue import QueueMetrics
 from gateway.pipeline import Observer, context_stage, errors_stage, observe_stage
 from gateway.policy.cors import add_cors_headers
 from gateway.policy.middleware import authorise_stage, canonical_path_stage, cors_stage
 from gateway.relay import relay, upstream_headers
+from gateway.scheduler import FairScheduler
+from gateway.scheduler.stage import queue_stage
 from gateway.state import GatewayState, StateHolder
 from gateway.upstream_client import UpstreamPool
 
@@ -51,6 +55,7 @@ def build_pipeline() -> list[Middleware]:
         authenticate_stage,  # headers -> Principal, or 401; knows nothing of routes
         authorise_stage,  # route table + model allow-lists (bounded body read) -> 403
         admit_stage,  # rate, concurrency and token budgets per principal -> 429
+        queue_stage,  # inference waits for a slot of its model, fairly across users -> 429/503
     ]  # ... then the handler: `relay_handler`, or one of the gateway's own endpoints
 
 
@@ -119,6 +124,10 @@ def create_app(config: GatewayConfig, **deps: Any) -> web.Application:
     # Created once per app, not per config: counters survive reloads.
     app[LIMITER] = build_limiter(config.rate_limits, clock=deps.get("clock"))
     app[LIMITER].on_store_error.append(metrics.rate_limit_store_error)
+    # Created once per app like the limiter: queues and counters survive reloads.
+    app[SCHEDULER] = scheduler = FairScheduler(app[STATE].current.scheduling)
+    app[STATE].on_swap.append(lambda state: scheduler.reconfigure(state.scheduling))
+    observers.append(QueueMetrics(metrics, scheduler).observe)
     app.cleanup_ctx.append(_limiter)
     app.on_cleanup.append(close_authenticator)  # hashing threads + JWKS session
     app.on_response_prepare.append(add_cors_headers)  # relayed and gateway-made alike

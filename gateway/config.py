@@ -17,6 +17,8 @@ DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_SHUTDOWN_GRACE = 30.0
 # Above the idle timeout of a proxy in front (nginx: 60 s), so the proxy always closes first.
 DEFAULT_CLIENT_IDLE_TIMEOUT = 75.0
+# Ollama's own OLLAMA_NUM_PARALLEL default since 0.10.
+DEFAULT_SLOTS = 1
 
 
 class Secret:
@@ -74,6 +76,15 @@ class UpstreamConfig:
     max_connections: int = doc(
         "Connections to Ollama at once; more requests wait for one (0: no limit).", 0
     )
+    slots: int = doc(
+        "Inference requests per model this Ollama runs at once (its OLLAMA_NUM_PARALLEL, "
+        "default 1): the gateway never sends more and holds the rest in its fair queue; "
+        "0: no queue at the gateway.",
+        DEFAULT_SLOTS,
+    )
+    model_slots: dict[str, int] = doc_factory(
+        "Slots per model glob (`nomic-embed*: 1`), overriding `slots`; first match wins.", dict
+    )
 
 
 @dataclass(**FROZEN)
@@ -105,6 +116,8 @@ class UserConfig:
     roles: tuple[str, ...] = doc("Roles of this user.", ("user",))
     models: tuple[str, ...] | None = doc("Model globs; overrides the roles' union when set.", None)
     limits: LimitsConfig | None = doc("Limits; each set value overrides the roles' value.", None)
+    weight: float | None = doc("Share of the slots; overrides the roles' weight when set.", None)
+    priority: int | None = doc("Queue priority; overrides the roles' priority when set.", None)
 
 
 @dataclass(**FROZEN)
@@ -165,6 +178,14 @@ class AuthConfig:
 class RoleConfig:
     models: tuple[str, ...] = doc("Globs of model names this role may use (none if empty).", ())
     limits: LimitsConfig | None = doc("Limits of this role.", None)
+    weight: float = doc(
+        "Share of the slots when users compete (tokens served in proportion to weight).", 1.0
+    )
+    priority: int = doc(
+        "Waiting requests of a higher priority go first (a principal with several roles "
+        "gets the highest).",
+        0,
+    )
 
 
 @dataclass(**FROZEN)
@@ -184,6 +205,19 @@ class RateLimitsConfig:
     store: str = doc("`memory` or `redis://host:port/db` (shared by all replicas).", "memory")
     on_store_error: Literal["allow", "deny"] = doc("What to do when Redis is unreachable.", "deny")
     memory_max_keys: int = doc("Principals tracked at most by the memory store.", 100_000)
+
+
+@dataclass(**FROZEN)
+class SchedulerConfig:
+    """The fair queue in front of the slots (`upstream.slots`)."""
+
+    max_queue_per_user: int = doc(
+        "Requests of one user waiting at once; more get 429 + Retry-After.", 16
+    )
+    max_queue: int = doc("Requests waiting in all; more get 503 + Retry-After.", 256)
+    queue_timeout: float = doc(
+        "Seconds a request may wait for a slot; then 503 + Retry-After.", 300.0
+    )
 
 
 @dataclass(**FROZEN)
@@ -240,6 +274,9 @@ class GatewayConfig:
         "Ordered route table (first match wins; no match: 403). Absent: the built-in table.", None
     )
     rate_limits: RateLimitsConfig = doc_factory("Where limits are counted.", RateLimitsConfig)
+    scheduler: SchedulerConfig = doc_factory(
+        "The fair queue in front of the upstream's slots.", SchedulerConfig
+    )
     cors: CorsConfig = doc_factory("Browser CORS, answered by the gateway.", CorsConfig)
     logging: LoggingConfig = doc_factory("Logs.", LoggingConfig)
     metrics: MetricsConfig = doc_factory("Prometheus metrics.", MetricsConfig)

@@ -391,3 +391,4 @@ _BUILTIN_CHECKS: tuple[Check, ...] = (_check_addresses, _check_roles, _check_rou
 import gateway.auth.checks  # noqa: E402,F401  (auth: hashes, htpasswd, keys, jwt)
 import gateway.limits.checks  # noqa: E402,F401  (limits: positive values, redis extra)
 import gateway.policy.checks  # noqa: E402,F401  (policy: model globs, route paths, origins)
+import gateway.scheduler.checks  # noqa: E402,F401  (fair queue: slots, caps, weights)

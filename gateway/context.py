@@ -60,6 +60,9 @@ class RequestContext:
     # Added to the relayed (or gateway-made) response, e.g. RateLimit-* from the admit stage.
     response_headers: dict[str, str] = field(default_factory=dict)
     gateway_seconds: float = 0.0  # time spent before the request left for the upstream
+    queue_seconds: float | None = None  # time waited for a slot (scheduled routes only)
+    queue_outcome: str | None = None  # dispatched, timeout, client_gone, *_queue_full
+    queue_tokens: int = 0  # tokens charged to the user's fair-share counter at the end
 
     @property
     def user(self) -> str | None:

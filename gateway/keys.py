@@ -11,6 +11,7 @@ from gateway.context import RequestContext
 from gateway.health_state import UpstreamUp
 from gateway.limits import Limiter
 from gateway.metrics import GatewayMetrics
+from gateway.scheduler import FairScheduler
 from gateway.state import StateHolder
 from gateway.upstream_client import UpstreamPool
 
@@ -23,3 +24,4 @@ METRICS = web.AppKey("metrics", GatewayMetrics)  # this app's series and registr
 # Limit counters; outlive config reloads. (A Protocol: typed by annotation, not argument.)
 LIMITER: web.AppKey[Limiter] = web.AppKey("limiter")
 UPSTREAM_UP = web.AppKey("upstream_up", UpstreamUp)  # last /readyz result, for metrics
+SCHEDULER = web.AppKey("scheduler", FairScheduler)  # slots and fair queues; outlive reloads

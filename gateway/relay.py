@@ -169,7 +169,8 @@ async def relay(
     elif request.body_exists:
         data = request.content  # streamed: a 10 GB blob upload passes with flat memory
     ctx.upstream_started = time.perf_counter()
-    ctx.gateway_seconds = ctx.upstream_started - ctx.started
+    # The gateway's own time: waiting in the fair queue is not overhead.
+    ctx.gateway_seconds = ctx.upstream_started - ctx.started - (ctx.queue_seconds or 0.0)
     # One watchdog per request: the first byte has its own budget (cold model loads).
     watchdog = ReadWatchdog(upstream.first_byte_timeout or upstream.read_timeout)
     watchdog.arm()

@@ -20,6 +20,7 @@ from gateway.keys import STATE
 from gateway.logging_setup import configure_logging
 from gateway.metrics_http import start_metrics_listener
 from gateway.reload import Overrides, Reloader, TLSRotation
+from gateway.scheduler.policy import slots_in_effect
 
 log = logging.getLogger("gateway")
 
@@ -148,6 +149,7 @@ async def serve(
         # Everything built so far lives as long as the process: keep it out of the
         # collector's generations, so full collections stay short (p99 latency).
         gc.freeze()
+        log.info("%s", slots_in_effect(config))
         print(f"ollama-gateway listening on {scheme}://{shown_host}:{shown_port}", flush=True)
 
         await stop.wait()

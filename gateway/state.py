@@ -16,6 +16,7 @@ from gateway.config import GatewayConfig
 if TYPE_CHECKING:
     from gateway.auth.authenticator import Authenticator
     from gateway.policy.policy import Policy
+    from gateway.scheduler.policy import GatewaySchedulingPolicy
 
 T = TypeVar("T")
 MEMO_SIZE = 10_000  # bounded: JWT subjects and role sets are caller-chosen
@@ -27,6 +28,7 @@ class GatewayState:
     authenticator: Authenticator
     policy: Policy
     trusted_proxies: tuple[Network, ...]
+    scheduling: GatewaySchedulingPolicy
     generation: int = 0
     _memo: dict[Hashable, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -46,6 +48,7 @@ class GatewayState:
     ) -> GatewayState:
         from gateway.auth.authenticator import Authenticator
         from gateway.policy.policy import Policy
+        from gateway.scheduler.policy import GatewaySchedulingPolicy
 
         return cls(
             config=config,
@@ -54,6 +57,7 @@ class GatewayState:
             ),
             policy=Policy.from_config(config),
             trusted_proxies=parse_networks(config.trusted_proxies),
+            scheduling=GatewaySchedulingPolicy.from_config(config),
             generation=previous.generation + 1 if previous else 0,
         )
 
@@ -61,11 +65,15 @@ class GatewayState:
 class StateHolder:
     """The one mutable cell: `current` is replaced whole, never edited."""
 
-    __slots__ = ("current",)
+    __slots__ = ("current", "on_swap")
 
     def __init__(self, state: GatewayState) -> None:
         self.current = state
+        # Parts that outlive a config (the scheduler) learn of the new one here.
+        self.on_swap: list[Callable[[GatewayState], None]] = []
 
     def swap(self, state: GatewayState) -> GatewayState:
         old, self.current = self.current, state
+        for listener in self.on_swap:
+            listener(state)
         return old

@@ -37,6 +37,7 @@ FIELDS = {
     "bytes_out",
     "duration_ms",
     "ttfb_ms",
+    "queue_ms",
     "gateway_ms",
     "prompt_tokens",
     "completion_tokens",

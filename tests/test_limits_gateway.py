@@ -34,7 +34,8 @@ CHAT_V1 = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}],
 def config(fake: FakeOllama, limits: dict[str, Any], **extra: Any) -> dict[str, Any]:
     hashed = FAST_BCRYPT.hash(PASSWORD)
     return {
-        "upstream": {"url": fake.url},
+        # Limits alone (parallel streams of one model): the fair queue has its own tests.
+        "upstream": {"url": fake.url, "slots": 0},
         "auth": {
             "users": {
                 "alice": {"password": hashed, "roles": ["user"]},

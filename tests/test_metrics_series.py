@@ -89,9 +89,12 @@ async def test_server_timing_shows_what_the_gateway_added(
         await response.read()
     async with http.get(gw.url + "/healthz") as response:
         own = response.headers.getall("Server-Timing")
-    for values in (relayed, own):
+    # An inference request also says how long it waited for a slot of its model.
+    assert [v.partition(";")[0] for v in relayed] == ["queue", "gateway"]
+    for values in (relayed[1:], own):
         assert len(values) == 1 and values[0].startswith("gateway;dur=")
         assert 0 <= float(values[0].removeprefix("gateway;dur=")) < 1000
+    assert 0 <= float(relayed[0].removeprefix("queue;dur=")) < 1000
 
 
 async def test_scrape_passes_promtool(
