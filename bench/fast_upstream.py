@@ -10,8 +10,19 @@ Routes:
   across processes) read just before the write. Per request overrides via headers:
   `X-Bench-Chunks: N`, `X-Bench-Delay-Ms: F` (between records), `X-Bench-Hold: SECONDS`
   (send the first record, then nothing for SECONDS or until the client leaves).
+  `options.num_predict` in the body, when below the chunk count, cuts the stream there.
+- `GET /bench/slots`: with `--parallel`, the slot state per model as JSON
+  (`running`, `waiting`, `max_running`, `max_waiting`, `grants`); the two maxima restart
+  from the current values after each read (so a bench can read them per phase).
 
-    python bench/fast_upstream.py --port 0 [--chunks 50] [--chunk-delay 0.02] [--loop asyncio]
+With `--parallel P`, each model (`llama3.2` and `llama3.2:latest` alike) runs at most P
+`/api/chat` streams at once and queues the rest first-in first-out with no depth limit, like
+Ollama's per-model semaphore (OLLAMA_NUM_PARALLEL): a queued request gets no byte (not even
+its status line) until its slot is granted, a client that leaves while queued leaves the
+queue, and the slot is held until the last record is written or the client goes.
+
+    python bench/fast_upstream.py --port 0 [--chunks 50] [--chunk-delay 0.02] [--parallel P]
+        [--loop asyncio]
 
 Prints `fast-upstream listening on http://127.0.0.1:PORT` once accepting.
 """
@@ -23,6 +34,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections import deque
 from collections.abc import Callable
 from email.utils import formatdate
 from typing import cast
@@ -141,11 +153,84 @@ def http_chunk(payload: bytes) -> bytes:
 
 
 class Settings:
-    __slots__ = ("chunks", "delay")
+    __slots__ = ("chunks", "delay", "slots")
 
-    def __init__(self, chunks: int, delay: float) -> None:
+    def __init__(self, chunks: int, delay: float, parallel: int = 0) -> None:
         self.chunks = chunks
         self.delay = delay
+        self.slots = Slots(parallel) if parallel > 0 else None
+
+
+class Slots:
+    """Ollama's per-model semaphore: `parallel` streams at once, the rest FIFO, no depth limit."""
+
+    __slots__ = ("parallel", "running", "queues", "max_running", "max_waiting", "grants")
+
+    def __init__(self, parallel: int) -> None:
+        self.parallel = parallel
+        self.running: dict[bytes, int] = {}
+        self.queues: dict[bytes, deque[UpstreamProtocol]] = {}
+        self.max_running: dict[bytes, int] = {}
+        self.max_waiting: dict[bytes, int] = {}
+        self.grants: dict[bytes, int] = {}
+
+    def acquire(self, proto: UpstreamProtocol, key: bytes) -> bool:
+        """True: the slot is granted now; False: `proto` is queued (`begin` is called later)."""
+        queue = self.queues.get(key)
+        if queue is None:
+            queue = self.queues[key] = deque()
+        if not queue and self.running.get(key, 0) < self.parallel:
+            self._grant(key)
+            return True
+        queue.append(proto)
+        if len(queue) > self.max_waiting.get(key, 0):
+            self.max_waiting[key] = len(queue)
+        return False
+
+    def leave(self, proto: UpstreamProtocol, key: bytes) -> None:
+        """A queued client went away: it leaves the queue and never runs."""
+        queue = self.queues.get(key)
+        if queue is not None and proto in queue:
+            queue.remove(proto)
+
+    def release(self, key: bytes) -> None:
+        self.running[key] -= 1
+        queue = self.queues.get(key)
+        while queue and self.running[key] < self.parallel:
+            proto = queue.popleft()
+            if proto.transport is None:  # gone without connection_lost having run yet
+                continue
+            self._grant(key)
+            proto.begin_granted()
+
+    def _grant(self, key: bytes) -> None:
+        running = self.running.get(key, 0) + 1
+        self.running[key] = running
+        self.grants[key] = self.grants.get(key, 0) + 1
+        if running > self.max_running.get(key, 0):
+            self.max_running[key] = running
+
+    def report(self) -> bytes:
+        """State per model; the maxima restart from the current values after each read."""
+        out = {}
+        for key in sorted(set(self.running) | set(self.queues)):
+            running, waiting = self.running.get(key, 0), len(self.queues.get(key, ()))
+            out[key.decode()] = {
+                "parallel": self.parallel,
+                "running": running,
+                "waiting": waiting,
+                "max_running": max(self.max_running.get(key, 0), running),
+                "max_waiting": max(self.max_waiting.get(key, 0), waiting),
+                "grants": self.grants.get(key, 0),
+            }
+            self.max_running[key], self.max_waiting[key] = running, waiting
+        return json.dumps(out, separators=(",", ":")).encode()
+
+
+def model_key(model: bytes) -> bytes:
+    """Ollama's name normalisation, as far as slots need it: the default tag is `latest`."""
+    model = model.lower()
+    return model if b":" in model.rpartition(b"/")[2] else model + b":latest"
 
 
 class UpstreamProtocol(asyncio.Protocol):
@@ -157,6 +242,9 @@ class UpstreamProtocol(asyncio.Protocol):
         self.buf = bytearray()
         self.busy = False  # a streamed response is in progress on this connection
         self.timer: asyncio.TimerHandle | None = None
+        self.slot: bytes | None = None  # model key of the slot this connection holds
+        self.queued: bytes | None = None  # model key of the slot this connection waits for
+        self.pending: tuple[bytes, int, float, float] | None = None  # the queued stream
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
@@ -166,6 +254,14 @@ class UpstreamProtocol(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         self.transport = None
+        slots = self.settings.slots
+        if slots is not None:
+            if self.queued is not None:
+                slots.leave(self, self.queued)
+                self.queued = self.pending = None
+            if self.slot is not None:
+                key, self.slot = self.slot, None
+                slots.release(key)
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -215,21 +311,48 @@ class UpstreamProtocol(asyncio.Protocol):
             )
         elif path == b"/api/chat" and method == b"POST":
             self._start_chat(headers, body)
+        elif path == b"/bench/slots" and method == b"GET" and self.settings.slots is not None:
+            self.transport.write(
+                _fixed(b"200 OK", b"application/json", self.settings.slots.report())
+            )
         else:
             self.transport.write(_fixed(b"404 Not Found", b"text/plain", NOT_FOUND_BODY))
 
     def _start_chat(self, headers: dict[bytes, bytes], body: bytes) -> None:
         assert self.transport is not None
+        limit = 0
         try:
-            model = str(json.loads(body).get("model") or "llama3.2").encode()
-        except (ValueError, AttributeError):
+            req = json.loads(body)
+            model = str(req.get("model") or "llama3.2").encode()
+            limit = int((req.get("options") or {}).get("num_predict") or 0)
+        except (ValueError, AttributeError, TypeError):
             model = b"llama3.2"
         chunks = int(headers.get(b"x-bench-chunks", b"0")) or self.settings.chunks
+        if 0 < limit < chunks:
+            chunks = limit
         delay_ms = headers.get(b"x-bench-delay-ms")
         delay = float(delay_ms) / 1000 if delay_ms is not None else self.settings.delay
         hold = min(float(headers.get(b"x-bench-hold", b"0")), MAX_HOLD)
-        CLOCK.tick()
         self.busy = True
+        slots = self.settings.slots
+        if slots is not None:
+            key = model_key(model)
+            if not slots.acquire(self, key):
+                self.queued, self.pending = key, (model, chunks, delay, hold)
+                return
+            self.slot = key
+        self._begin(model, chunks, delay, hold)
+
+    def begin_granted(self) -> None:
+        """The queued stream got its slot (called by `Slots.release`)."""
+        assert self.pending is not None
+        self.slot, self.queued = self.queued, None
+        pending, self.pending = self.pending, None
+        self._begin(*pending)
+
+    def _begin(self, model: bytes, chunks: int, delay: float, hold: float) -> None:
+        assert self.transport is not None
+        CLOCK.tick()
         self.transport.write(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nDate: "
             + CLOCK.date
@@ -241,6 +364,10 @@ class UpstreamProtocol(asyncio.Protocol):
     def stream_done(self) -> None:
         self.busy = False
         self.timer = None
+        if self.slot is not None:
+            key, self.slot = self.slot, None
+            assert self.settings.slots is not None
+            self.settings.slots.release(key)
         if self.buf:
             self._serve_buffered()
 
@@ -314,9 +441,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--chunks", type=int, default=50, help="records per /api/chat stream")
     parser.add_argument("--chunk-delay", type=float, default=0.02, help="seconds between records")
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=0,
+        help="streams per model at once, the rest queued FIFO like Ollama (default 0: unlimited)",
+    )
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     args = parser.parse_args(argv)
-    settings = Settings(max(1, args.chunks), max(0.0, args.chunk_delay))
+    settings = Settings(max(1, args.chunks), max(0.0, args.chunk_delay), max(0, args.parallel))
     coro = serve(args.host, args.port, settings)
     if args.loop == "uvloop":
         try:

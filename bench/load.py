@@ -102,13 +102,24 @@ async def run_wrk(wrk: str, url: str, conns: int, seconds: float, auth: str | No
 
 
 async def run_python_rps(
-    host: str, port: int, path: str, conns: int, *, requests: int, seconds: float, auth: str | None
+    host: str,
+    port: int,
+    path: str,
+    conns: int,
+    *,
+    requests: int,
+    seconds: float,
+    auth: str | None,
+    request: bytes | None = None,
 ) -> RpsResult:
-    """Keep-alive GETs over `conns` connections until `requests` are done or time is up."""
-    head = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-    if auth:
-        head += f"Authorization: {auth}\r\n"
-    request = (head + "\r\n").encode()
+    """Keep-alive GETs over `conns` connections until `requests` are done or time is up.
+
+    `request`: send these bytes instead of the GET (e.g. a POST; `path` and `auth` unused)."""
+    if request is None:
+        head = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        if auth:
+            head += f"Authorization: {auth}\r\n"
+        request = (head + "\r\n").encode()
     latencies: list[float] = []
     counters = {"left": requests, "non_2xx": 0, "errors": 0}
     deadline = time.monotonic() + seconds
@@ -178,18 +189,25 @@ def _parse_head(head: bytes) -> tuple[int, int]:
 
 
 def chat_request(
-    host: str, port: int, auth: str | None, *, chunks: int, delay_ms: float, hold: float = 0.0
+    host: str,
+    port: int,
+    auth: str | None,
+    *,
+    chunks: int,
+    delay_ms: float,
+    hold: float = 0.0,
+    body: bytes = CHAT_BODY,
 ) -> bytes:
     head = (
         f"POST /api/chat HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(CHAT_BODY)}\r\nX-Bench-Chunks: {chunks}\r\n"
+        f"Content-Length: {len(body)}\r\nX-Bench-Chunks: {chunks}\r\n"
         f"X-Bench-Delay-Ms: {delay_ms}\r\n"
     )
     if hold:
         head += f"X-Bench-Hold: {hold}\r\n"
     if auth:
         head += f"Authorization: {auth}\r\n"
-    return (head + "\r\n").encode() + CHAT_BODY
+    return (head + "\r\n").encode() + body
 
 
 class _StreamProbe(asyncio.Protocol):
@@ -202,6 +220,7 @@ class _StreamProbe(asyncio.Protocol):
         self.ttfc_ns: int | None = None
         self.records = 0
         self.status: int | None = None
+        self.head = b""  # the response head, status line and headers
         self.buf = bytearray()
         self.saw_done = False
         self.transport: asyncio.Transport | None = None
@@ -219,7 +238,8 @@ class _StreamProbe(asyncio.Protocol):
             end = self.buf.find(b"\r\n\r\n")
             if end < 0:
                 return
-            self.status = int(bytes(self.buf[:end]).split(b" ", 2)[1])
+            self.head = bytes(self.buf[:end])
+            self.status = int(self.head.split(b" ", 2)[1])
             del self.buf[: end + 4]
             if self.status != 200:
                 self._finish(f"status {self.status}")

@@ -191,8 +191,9 @@ def _wait_ready(
 
 
 def start_upstream(
-    workdir: Path, cpus: set[int] | None, *, chunks: int, delay_ms: float
+    workdir: Path, cpus: set[int] | None, *, chunks: int, delay_ms: float, parallel: int = 0
 ) -> Service:
+    """The fast upstream; `parallel` > 0 gives it Ollama's per-model slots (FIFO queue)."""
     port = free_port()
     argv = [
         sys.executable,
@@ -204,6 +205,8 @@ def start_upstream(
         "--chunk-delay",
         str(delay_ms / 1000),
     ]
+    if parallel:
+        argv += ["--parallel", str(parallel)]
     popen, log = _spawn("upstream", argv, workdir, cpus)
     _wait_ready("fast upstream", popen, log, port, "listening on")
     return Service("upstream", popen, port, log)
@@ -255,15 +258,20 @@ def start_gateway(
     loop: str,
     upstream_port: int,
     htpasswd: Path | None,
+    config_for: Callable[[int], dict[str, Any]] | None = None,
 ) -> Service:
     """`python -m gateway serve` as users run it. `loop="asyncio"` hides uvloop from the
     process (a `uvloop` module that fails to import, first on PYTHONPATH), so `run()` takes its
-    asyncio fallback; OLLAMA_GATEWAY_LOOP=asyncio is set too for a server that reads it."""
+    asyncio fallback; OLLAMA_GATEWAY_LOOP=asyncio is set too for a server that reads it.
+    `config_for(port)` replaces the default `gateway_config` (other benchmarks' setups)."""
     port = free_port()
     config = workdir / f"{name.replace('/', '-')}.yaml"
-    config.write_text(
-        yaml.safe_dump(gateway_config(port, upstream_port, htpasswd), sort_keys=False)
+    settings = (
+        config_for(port)
+        if config_for is not None
+        else gateway_config(port, upstream_port, htpasswd)
     )
+    config.write_text(yaml.safe_dump(settings, sort_keys=False))
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
     env["OLLAMA_GATEWAY_LOOP"] = loop

@@ -47,7 +47,7 @@ from gateway.scheduler.slots import build_slot_store
 from gateway.scheduler.stage import queue_stage
 from gateway.state import GatewayState, StateHolder
 from gateway.upstream_client import UpstreamPool
-from gateway.upstreams.registry import Cluster
+from gateway.upstreams.registry import Cluster, Timings
 from gateway.upstreams.stage import upstream_stage
 
 
@@ -170,7 +170,7 @@ def create_app(config: GatewayConfig, **deps: Any) -> web.Application:
         fail_open=config.rate_limits.on_store_error == "allow",
     )
     app[STATE].on_swap.append(lambda state: _reconfigure(scheduler, state))
-    app[CLUSTER] = cluster = Cluster(config)
+    app[CLUSTER] = cluster = Cluster(config, timings=deps.get("upstream_timings") or Timings())
     app[STATE].on_swap.append(lambda state: cluster.reconfigure(state.config))
     observers.append(QueueMetrics(metrics, scheduler).observe)
     app.cleanup_ctx.append(_limiter)

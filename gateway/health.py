@@ -7,7 +7,8 @@ import asyncio
 import aiohttp
 from aiohttp import web
 
-from gateway.keys import CONTEXT, HTTP_SESSION, UPSTREAM_UP
+from gateway.keys import CLUSTER, CONTEXT, HTTP_SESSION, UPSTREAM_UP
+from gateway.upstreams.registry import Cluster
 
 READY_PROBE_TIMEOUT = 5.0
 
@@ -17,7 +18,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when Ollama answers `GET /api/version` (cheap; never a generation)."""
+    """Ready when Ollama answers `GET /api/version` (cheap; never a generation).
+
+    With several servers: ready while one is up, from the cluster's own probes; the body
+    gives each server's state.
+    """
+    cluster = request.app[CLUSTER]
+    if cluster.several:
+        return _cluster_readiness(cluster)
     upstream = request[CONTEXT].state.config.upstream
     url = upstream.url.rstrip("/") + "/api/version"
     try:
@@ -31,3 +39,22 @@ async def readyz(request: web.Request) -> web.Response:
     if ok:
         return web.json_response({"status": "ready"})
     return web.json_response({"error": "upstream unavailable"}, status=503)
+
+
+def _cluster_readiness(cluster: Cluster) -> web.Response:
+    now = cluster.now()
+    servers = {
+        name: {
+            "state": server.state(now),
+            "models": len(server.installed),
+            "loaded": sorted(server.loaded),
+            "version": server.version,
+            **({"reason": server.reason} if server.reason else {}),
+        }
+        for name, server in cluster.servers.items()
+    }
+    ready = any(server.up for server in cluster.servers.values())
+    body = {"status": "ready" if ready else "unavailable", "upstreams": servers}
+    if not ready:
+        body["error"] = "no upstream available"
+    return web.json_response(body, status=200 if ready else 503)

@@ -26,9 +26,6 @@ from gateway.policy.models import compile_glob, normalise_model
 
 log = logging.getLogger("gateway.upstreams")
 
-TAGS_EVERY = 30.0  # installed models change rarely (pulls through the gateway refresh at once)
-PS_EVERY = 5.0  # loaded models change with every cold load and keep_alive expiry
-PROBE_EVERY = 3.0  # a server marked down is probed this often
 PROBE_TIMEOUT = 5.0
 LOADING_SECONDS = 60.0  # a model just routed to a server counts as loaded there this long
 COOLDOWN_SECONDS = 5.0  # after an instant 503 (Ollama's queue full)
@@ -36,6 +33,15 @@ MAX_CATALOGUE = 10_000  # models per server kept at most
 MAX_STICKY = 10_000  # (user, model) pairs remembered
 
 Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """How often the background loop asks each server (seconds)."""
+
+    tags_every: float = 30.0  # installed models change rarely (pulls via the gateway: at once)
+    ps_every: float = 5.0  # loaded models change with every cold load and keep_alive expiry
+    probe_every: float = 3.0  # a server marked down is probed this often
 
 
 @dataclass(eq=False)
@@ -95,13 +101,19 @@ def _compile_models(globs: Iterable[str] | None) -> tuple[Any, ...]:
 class Cluster:
     """Every configured server, kept across reloads (catalogues and health survive)."""
 
-    def __init__(self, config: GatewayConfig, *, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self, config: GatewayConfig, *, clock: Clock = time.monotonic, timings: Timings = Timings()
+    ) -> None:
         self._clock = clock
+        self.timings = timings
         self.servers: dict[str, Server] = {}
         self._changed = asyncio.Event()
         self.on_state: list[Callable[[Server], None]] = []  # metrics: up/down gauges
         self.sticky = Sticky()
         self.reconfigure(config)
+
+    def now(self) -> float:
+        return self._clock()
 
     @property
     def several(self) -> bool:
@@ -199,8 +211,9 @@ class Cluster:
         return True
 
     async def run(self, session: aiohttp.ClientSession) -> None:
-        """Forever: catalogues every TAGS_EVERY, loaded models every PS_EVERY, down servers
-        probed every PROBE_EVERY; woken early by `refresh_soon` and `mark_down`."""
+        """Forever: catalogues every `tags_every`, loaded models every `ps_every`, down
+        servers probed every `probe_every`; woken early by `refresh_soon` and `mark_down`."""
+        timings = self.timings
         last_ps: dict[str, float] = {}
         while True:
             self._changed.clear()
@@ -210,19 +223,23 @@ class Cluster:
             now = self._clock()
             due: list[Server] = []
             for server in list(self.servers.values()):
-                stale = server.catalogue_at is None or now - server.catalogue_at >= TAGS_EVERY
-                if not server.up or stale or now - last_ps.get(server.name, 0.0) >= PS_EVERY:
+                stale = (
+                    server.catalogue_at is None or now - server.catalogue_at >= timings.tags_every
+                )
+                ps_due = now - last_ps.get(server.name, -1e9) >= timings.ps_every
+                if not server.up or stale or ps_due:
                     due.append(server)
                     last_ps[server.name] = now
             if due:
                 await asyncio.gather(*(self._poll(session, s) for s in due))
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(PS_EVERY, PROBE_EVERY)):
+                async with asyncio.timeout(min(timings.ps_every, timings.probe_every)):
                     await self._changed.wait()
 
     async def _poll(self, session: aiohttp.ClientSession, server: Server) -> None:
         now = self._clock()
-        if not server.up or server.catalogue_at is None or now - server.catalogue_at >= TAGS_EVERY:
+        stale = server.catalogue_at is None or now - server.catalogue_at >= self.timings.tags_every
+        if not server.up or stale:
             await self.refresh(session, server)
             return
         try:

@@ -120,7 +120,7 @@ def _ranked(request: web.Request, ctx: RequestContext, servers: list[Server]) ->
     assert ctx.model is not None
     model = ctx.model
     scheduler = request.app[SCHEDULER]
-    now = asyncio.get_running_loop().time()
+    now = request.app[CLUSTER].now()
 
     def rank(server: Server) -> tuple[int, float]:
         used, slots = scheduler.load((server.name, model))
