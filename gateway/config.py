@@ -17,6 +17,8 @@ DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_SHUTDOWN_GRACE = 30.0
 # Above the idle timeout of a proxy in front (nginx: 60 s), so the proxy always closes first.
 DEFAULT_CLIENT_IDLE_TIMEOUT = 75.0
+# nginx's client_body_timeout: a client may pause its upload, not hold a connection forever.
+DEFAULT_CLIENT_BODY_TIMEOUT = 60.0
 
 
 class Secret:
@@ -231,6 +233,11 @@ class GatewayConfig:
         "within this time of the connection opening or the previous response (slow clients "
         "cannot hold connections). Keep it above the idle timeout of a proxy in front.",
         DEFAULT_CLIENT_IDLE_TIMEOUT,
+    )
+    client_body_timeout: float = doc(
+        "Seconds a request body may go without a byte from the client: 408 before anything "
+        "reached Ollama; else the upstream request is reset and the client connection closed.",
+        DEFAULT_CLIENT_BODY_TIMEOUT,
     )
     auth: AuthConfig = doc_factory("Who may call.", AuthConfig)
     roles: dict[str, RoleConfig] = doc_factory(

@@ -14,6 +14,8 @@ class GatewayError(Exception):
 
     `outcome` feeds metrics and the access log; `reason` is a short machine label
     (for example `bad_password`, `tokens_per_minute`) that never holds user input.
+    `close`: the client connection is closed after the answer (a request body was left
+    unread; reading on for keep-alive would let the client hold the connection).
     """
 
     status: int = 500
@@ -26,9 +28,11 @@ class GatewayError(Exception):
         reason: str = "",
         headers: Mapping[str, str] | None = None,
         status: int | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
+        self.close = close
         self.reason = reason
         self.headers = dict(headers or {})
         if status is not None:
@@ -49,6 +53,10 @@ class Forbidden(GatewayError):
 
 class NotFound(GatewayError):
     status = 404
+
+
+class RequestTimeout(GatewayError):
+    status = 408
 
 
 class PayloadTooLarge(GatewayError):

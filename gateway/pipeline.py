@@ -98,6 +98,8 @@ def error_response(error: GatewayError, request_id: str) -> web.Response:
         status=error.status, body=body, content_type="application/json", headers=error.headers
     )
     response.headers["X-Request-Id"] = request_id
+    if error.close:
+        response.force_close()
     return response
 
 
