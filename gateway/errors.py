@@ -20,6 +20,7 @@ class GatewayError(Exception):
 
     status: int = 500
     outcome: str = "rejected"
+    linger: bool = True  # with `close`: discard the unread body a while before closing
 
     def __init__(
         self,
@@ -56,7 +57,14 @@ class NotFound(GatewayError):
 
 
 class RequestTimeout(GatewayError):
+    """The client stopped sending its body: answered, then the connection is closed at once.
+
+    Other refusals with `close` let aiohttp read and discard the rest of the body for a few
+    seconds first (so an active sender still sees the answer); a stalled client gets none.
+    """
+
     status = 408
+    linger = False
 
 
 class PayloadTooLarge(GatewayError):
