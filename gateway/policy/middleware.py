@@ -41,7 +41,7 @@ async def canonical_path_stage(request: web.Request, handler: Handler) -> web.St
     except PathError as exc:
         ctx.path = loggable_target(ctx.path)  # never a userinfo password in the access log
         raise BadRequest(str(exc), reason="path") from None
-    ctx.route_class = ctx.state.policy.classify(ctx.path)
+    ctx.route_class, ctx.route = ctx.state.policy.classify_route(ctx.path)
     return await handler(request)
 
 
