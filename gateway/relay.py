@@ -21,6 +21,7 @@ from yarl import URL
 from gateway.config import UpstreamConfig
 from gateway.context import RequestContext
 from gateway.errors import BadGateway, BadRequest, GatewayError, GatewayTimeout, RequestTimeout
+from gateway.http_server import send_continue
 from gateway.upstream_client import (
     ClientBodyTimeout,
     UnsafeHeader,
@@ -184,6 +185,7 @@ async def relay(
                 f"a {request.method} request carries no body", reason="body", close=True
             )
         data = request.content  # streamed: a 10 GB blob upload passes with flat memory
+        await send_continue(request)  # the pipeline passed: now the client may send it
     ctx.upstream_started = time.perf_counter()
     ctx.gateway_seconds = ctx.upstream_started - ctx.started
     # One watchdog per request: the first byte has its own budget (cold model loads). It
@@ -262,7 +264,7 @@ async def _stream_back(
         while True:
             watchdog.arm()
             chunk = await upstream_response.read_chunk()
-            watchdog.pause()
+            watchdog.reading = False  # pause(), inlined: this loop runs once per chunk
             if not chunk:
                 break
             if tap is not None:

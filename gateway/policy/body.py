@@ -16,6 +16,7 @@ from aiohttp import web
 
 from gateway.context import RequestContext
 from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, RequestTimeout
+from gateway.http_server import send_continue
 from gateway.policy.decode import (
     DecodedTooLarge,
     DecodeError,
@@ -40,6 +41,7 @@ async def read_bounded(request: web.Request, limit: int, idle_timeout: float) ->
     declared = request.content_length
     if declared is not None and declared > limit:
         raise PayloadTooLarge("request body too large", reason="body_size")
+    await send_continue(request)  # limits, authentication and the route passed: send it
     chunks: list[bytes] = []
     total = 0
     while True:

@@ -36,6 +36,10 @@ def basic_challenge(realm: str) -> str:
 async def canonical_path_stage(request: web.Request, handler: Handler) -> web.StreamResponse:
     """One path form for the whole pipeline: the relay forwards exactly `ctx.path`."""
     ctx = request[CONTEXT]
+    if request.version < (1, 0):
+        # An HTTP/0.9 request line (`GET /`): no headers, so no Host and no credentials;
+        # aiohttp parses it, but it is never relayed (it used to reach Ollama's `/`).
+        raise BadRequest("HTTP/1.0 or later required", reason="version", close=True)
     try:
         ctx.path = canonical_path(ctx.path)
     except PathError as exc:

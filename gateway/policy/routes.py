@@ -149,10 +149,7 @@ _EXACT: dict[str, tuple[str, str]] = {
     path: (label, path) for label, paths in _CLASSES for path in paths if "*" not in path
 }
 _GLOBS: tuple[tuple[re.Pattern[str], str, str], ...] = tuple(
-    (compile_glob(path), label, path)
-    for label, paths in _CLASSES
-    for path in paths
-    if "*" in path
+    (compile_glob(path), label, path) for label, paths in _CLASSES for path in paths if "*" in path
 )
 OTHER_ROUTE = "other"
 METRICS_ROUTE = "/metrics"  # the metrics endpoint, whatever path the config gives it
