@@ -15,7 +15,7 @@ import pytest
 from yarl import URL
 
 from gateway.upstream_client import UpstreamPool
-from tests.conftest import ADMIN_HEADERS, ADMIN_KEY_ENTRY, GatewayFactory
+from tests.conftest import ADMIN_HEADERS, ADMIN_KEY_ENTRY, GatewayFactory, until
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
 
@@ -30,6 +30,7 @@ class DroppingUpstream:
         self.answer_first = answer_first
         self.requests: list[str] = []
         self.connections = 0
+        self.finished = 0  # connections whose handler has closed its end
         self.server: asyncio.Server | None = None
 
     async def start(self) -> URL:
@@ -39,6 +40,7 @@ class DroppingUpstream:
 
     async def close(self) -> None:
         assert self.server is not None
+        await until(lambda: self.finished == self.connections)
         self.server.close()
         await self.server.wait_closed()
 
@@ -60,9 +62,12 @@ class DroppingUpstream:
                 writer.write(OK)
                 await writer.drain()
             await self.read_one(reader)  # received in full, then never answered
-        except asyncio.IncompleteReadError:
+        except (asyncio.IncompleteReadError, ConnectionError):
             pass
-        writer.close()
+        finally:
+            writer.close()
+            await writer.wait_closed()
+            self.finished += 1
 
 
 @pytest.mark.parametrize(
@@ -104,6 +109,7 @@ async def test_a_pooled_connection_closed_while_idle_is_not_used() -> None:
     """
     sockets: list[socket.socket] = []
     requests: list[int] = []
+    finished: list[int] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         index = len(sockets)
@@ -117,6 +123,7 @@ async def test_a_pooled_connection_closed_while_idle_is_not_used() -> None:
             writer.write(OK)
             await writer.drain()
         writer.close()
+        finished.append(index)
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
@@ -134,6 +141,8 @@ async def test_a_pooled_connection_closed_while_idle_is_not_used() -> None:
             assert await get() == 200
             sockets[0].shutdown(socket.SHUT_RDWR)  # Ollama's idle close, FIN on the wire now
             assert await get() == 200  # on a new connection, not a failed request
+            pool.close()
+            await until(lambda: len(finished) == 2)  # both handlers closed their ends
     finally:
         pool.close()
     assert requests == [0, 1]  # one request per connection: the first one was never reused
