@@ -96,27 +96,32 @@ async def observe_stage(request: web.Request, handler: Handler) -> web.StreamRes
 class _HangUpResponse(web.Response):
     """Closes the client connection once written: no lingering read of an unread body."""
 
-    hang_up: Any = None  # the connection's protocol (web.RequestHandler)
+    def __init__(self, protocol: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._protocol = protocol  # the connection's web.RequestHandler
 
     async def write_eof(self, data: bytes = b"") -> None:
         await super().write_eof(data)
-        if self.hang_up is not None:
-            self.hang_up.force_close()  # the answer is in the socket; closing flushes it
+        self._protocol.force_close()  # the answer is in the socket; closing flushes it
 
 
 def error_response(
     error: GatewayError, request_id: str, request: web.Request | None = None
 ) -> web.Response:
     body = json.dumps({"error": error.message}).encode()
-    hang_up = error.close and not error.linger and request is not None
-    response = (_HangUpResponse if hang_up else web.Response)(
-        status=error.status, body=body, content_type="application/json", headers=error.headers
-    )
+    fields: dict[str, Any] = {
+        "status": error.status,
+        "body": body,
+        "content_type": "application/json",
+        "headers": error.headers,
+    }
+    if error.close and not error.linger and request is not None:
+        response: web.Response = _HangUpResponse(request.protocol, **fields)
+    else:
+        response = web.Response(**fields)
     response.headers["X-Request-Id"] = request_id
     if error.close:
         response.force_close()
-        if isinstance(response, _HangUpResponse) and request is not None:
-            response.hang_up = request.protocol
     return response
 
 

@@ -625,7 +625,7 @@ def _readable(transport: asyncio.BaseTransport) -> bool:
     misses a connection closed a moment ago; the kernel already knows.
     """
     sock = transport.get_extra_info("socket")
-    if sock is None:
+    if sock is None or not hasattr(select, "poll"):  # no poll (Windows): is_closing() only
         return False
     try:
         fd = sock.fileno()
