@@ -19,6 +19,7 @@ from gateway.config import DEFAULT_UPSTREAM_NAME, GatewayConfig
 from gateway.errors import Forbidden
 from gateway.health import healthz, readyz
 from gateway.health_state import UpstreamUp
+from gateway.http_server import defer_continue
 from gateway.keys import (
     CLUSTER,
     CONTEXT,
@@ -179,5 +180,6 @@ def create_app(config: GatewayConfig, **deps: Any) -> web.Application:
     app.router.add_get("/healthz", healthz, allow_head=True)
     app.router.add_get("/readyz", readyz, allow_head=True)
     add_metrics_route(app, config.metrics)  # before the catch-all; absent with metrics.listen
-    app.router.add_route("*", "/{tail:.*}", relay_handler)
+    # The 100 of `Expect: 100-continue` waits until the pipeline reads the body (after auth).
+    app.router.add_route("*", "/{tail:.*}", relay_handler, expect_handler=defer_continue)
     return app

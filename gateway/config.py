@@ -23,6 +23,8 @@ DEFAULT_SLOTS = 1
 DEFAULT_METRICS_ROLES: tuple[str, ...] = ("admin",)
 # An address (an office NAT) carries many users: it may fail this many times more than one user.
 ADDRESS_CEILING_FACTOR = 10
+# nginx's client_body_timeout: a client may pause its upload, not hold a connection forever.
+DEFAULT_CLIENT_BODY_TIMEOUT = 60.0
 
 
 class Secret:
@@ -308,6 +310,11 @@ class GatewayConfig:
         "within this time of the connection opening or the previous response (slow clients "
         "cannot hold connections). Keep it above the idle timeout of a proxy in front.",
         DEFAULT_CLIENT_IDLE_TIMEOUT,
+    )
+    client_body_timeout: float = doc(
+        "Seconds a request body may go without a byte from the client: 408 before anything "
+        "reached Ollama; else the upstream request is reset and the client connection closed.",
+        DEFAULT_CLIENT_BODY_TIMEOUT,
     )
     auth: AuthConfig = doc_factory("Who may call.", AuthConfig)
     roles: dict[str, RoleConfig] = doc_factory(

@@ -335,8 +335,9 @@ def _check_addresses(config: GatewayConfig) -> Iterable[Problem]:
             yield Problem(f"trusted_proxies[{i}]", f"{cidr!r} is not an address or CIDR")
     if config.max_body_bytes < 1024:
         yield Problem("max_body_bytes", "must be at least 1024")
-    if config.client_idle_timeout <= 0:  # 0 would turn the bound off: slow clients unbounded
-        yield Problem("client_idle_timeout", "must be greater than 0")
+    for key in ("client_idle_timeout", "client_body_timeout"):
+        if getattr(config, key) <= 0:  # 0 would turn the bound off: slow clients unbounded
+            yield Problem(key, "must be greater than 0")
     if config.tls is not None:
         for key in ("cert", "key"):
             file = getattr(config.tls, key)

@@ -42,6 +42,7 @@ class RequestContext:
     forwarded_proto: str = "http"  # the client's scheme (a trusted proxy's word for it)
     started: float = field(default_factory=time.perf_counter)
     route_class: str = "other"
+    route: str = "other"  # the known endpoint matched (`/api/chat`, `/api/blobs/*`) or other
     principal: Principal | None = None
     auth_method: str | None = None  # method attempted (basic, api_key, jwt), even if it failed
     model: str | None = None

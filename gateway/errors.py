@@ -14,10 +14,13 @@ class GatewayError(Exception):
 
     `outcome` feeds metrics and the access log; `reason` is a short machine label
     (for example `bad_password`, `tokens_per_minute`) that never holds user input.
+    `close`: the client connection is closed after the answer (a request body was left
+    unread; reading on for keep-alive would let the client hold the connection).
     """
 
     status: int = 500
     outcome: str = "rejected"
+    linger: bool = True  # with `close`: discard the unread body a while before closing
 
     def __init__(
         self,
@@ -26,9 +29,11 @@ class GatewayError(Exception):
         reason: str = "",
         headers: Mapping[str, str] | None = None,
         status: int | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
+        self.close = close
         self.reason = reason
         self.headers = dict(headers or {})
         if status is not None:
@@ -49,6 +54,17 @@ class Forbidden(GatewayError):
 
 class NotFound(GatewayError):
     status = 404
+
+
+class RequestTimeout(GatewayError):
+    """The client stopped sending its body: answered, then the connection is closed at once.
+
+    Other refusals with `close` let aiohttp read and discard the rest of the body for a few
+    seconds first (so an active sender still sees the answer); a stalled client gets none.
+    """
+
+    status = 408
+    linger = False
 
 
 class PayloadTooLarge(GatewayError):

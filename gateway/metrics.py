@@ -1,9 +1,9 @@
 """GatewayMetrics: every Prometheus series the gateway exports, on a registry it is given.
 
 No global registry: `create_app` makes a fresh `CollectorRegistry` per app, so tests can build
-many apps. Every label value comes from a bounded set (route classes from the route table,
-models the upstream really served, users from the config, fixed reason lists), and each
-label is capped as well, so no caller can blow up cardinality by sending junk.
+many apps. Every label value comes from a bounded set (route classes and routes from the
+route table, models the upstream really served, users from the config, fixed reason lists),
+and each label is capped as well, so no caller can blow up cardinality by sending junk.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 import gateway
+from gateway.policy.routes import OTHER_ROUTE, ROUTE_LABELS
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
@@ -135,21 +136,21 @@ class GatewayMetrics:
         r = registry
         self.requests = Counter(
             "ollama_gateway_requests",
-            "Requests answered, by route class, method and status.",
-            ("route_class", "method", "status", *user),
+            "Requests answered, by route class, route (endpoint), method and status.",
+            ("route_class", "route", "method", "status", *user),
             registry=r,
         )
         self.request_duration = Histogram(
             "ollama_gateway_request_duration_seconds",
             "Time from the request's arrival to the end of its response (streams included).",
-            ("route_class",),
+            ("route_class", "route"),
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.upstream_ttfb = Histogram(
             "ollama_gateway_upstream_ttfb_seconds",
             "Time from sending the request upstream to the upstream's response headers.",
-            ("route_class",),
+            ("route_class", "route"),
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -280,17 +281,18 @@ class GatewayMetrics:
         """Record one finished request. Reads the context only."""
         end = time.perf_counter()
         route_class = self._route_classes(ctx.route_class)
+        route = ctx.route if ctx.route in ROUTE_LABELS else OTHER_ROUTE  # a fixed set
         method = ctx.method if ctx.method in HTTP_METHODS else "OTHER"
         status = ctx.status or (STATUS_CLIENT_GONE if ctx.outcome == "client_gone" else 0)
         user = self.user_of(ctx) if self.user_label else None
-        labels = (route_class, method, str(status)) + ((user,) if user is not None else ())
+        labels = (route_class, route, method, str(status)) + ((user,) if user is not None else ())
         self._child(self.requests, *labels).inc()
-        self._child(self.request_duration, route_class).observe(end - ctx.started)
+        self._child(self.request_duration, route_class, route).observe(end - ctx.started)
         if ctx.upstream_started is not None:
             self._child(self.overhead, route_class).observe(ctx.gateway_seconds)
             if ctx.first_byte_at is not None:
                 ttfb = ctx.first_byte_at - ctx.upstream_started
-                self._child(self.upstream_ttfb, route_class).observe(ttfb)
+                self._child(self.upstream_ttfb, route_class, route).observe(ttfb)
         bytes_in = ctx.bytes_in or (len(ctx.body) if ctx.body is not None else 0)
         if bytes_in:
             self._child(self.request_bytes, route_class).inc(bytes_in)

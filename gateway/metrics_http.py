@@ -14,6 +14,7 @@ from gateway.config import MetricsConfig
 from gateway.config_load import parse_host_port
 from gateway.context import RequestContext
 from gateway.errors import Forbidden, GatewayError, NotFound, Unauthorized
+from gateway.http_server import GatewayRunner
 from gateway.keys import CONTEXT, METRICS, OBSERVERS, STATE
 from gateway.logging_setup import server_log
 from gateway.pipeline import context_stage, errors_stage
@@ -94,7 +95,7 @@ async def start_metrics_listener(
     main: web.Application, listen: str, ssl_context: ssl.SSLContext | None = None
 ) -> web.AppRunner:
     """Serve metrics on their own address; the caller cleans the runner up."""
-    runner = web.AppRunner(create_metrics_app(main), access_log=None, shutdown_timeout=1)
+    runner = GatewayRunner(create_metrics_app(main), access_log=None, shutdown_timeout=1)
     await runner.setup()
     host, port = parse_host_port(listen)
     await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()

@@ -14,6 +14,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -92,12 +93,35 @@ async def observe_stage(request: web.Request, handler: Handler) -> web.StreamRes
                 log.exception("observer failed (request %s)", ctx.request_id)
 
 
-def error_response(error: GatewayError, request_id: str) -> web.Response:
+class _HangUpResponse(web.Response):
+    """Closes the client connection once written: no lingering read of an unread body."""
+
+    def __init__(self, protocol: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._protocol = protocol  # the connection's web.RequestHandler
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        await super().write_eof(data)
+        self._protocol.force_close()  # the answer is in the socket; closing flushes it
+
+
+def error_response(
+    error: GatewayError, request_id: str, request: web.Request | None = None
+) -> web.Response:
     body = json.dumps({"error": error.message}).encode()
-    response = web.Response(
-        status=error.status, body=body, content_type="application/json", headers=error.headers
-    )
+    fields: dict[str, Any] = {
+        "status": error.status,
+        "body": body,
+        "content_type": "application/json",
+        "headers": error.headers,
+    }
+    if error.close and not error.linger and request is not None:
+        response: web.Response = _HangUpResponse(request.protocol, **fields)
+    else:
+        response = web.Response(**fields)
     response.headers["X-Request-Id"] = request_id
+    if error.close:
+        response.force_close()
     return response
 
 
@@ -109,7 +133,7 @@ async def errors_stage(request: web.Request, handler: Handler) -> web.StreamResp
         return await handler(request)
     except GatewayError as error:
         ctx.status, ctx.outcome, ctx.error_reason = error.status, error.outcome, error.reason
-        return error_response(error, ctx.request_id)
+        return error_response(error, ctx.request_id, request)
     except web.HTTPException as exc:  # aiohttp's own (bad method, body too large...)
         wrapped = GatewayError(exc.reason, reason="http", status=exc.status)
         ctx.status, ctx.outcome, ctx.error_reason = exc.status, "rejected", "http"

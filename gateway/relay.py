@@ -20,8 +20,21 @@ from yarl import URL
 
 from gateway.config import UpstreamConfig
 from gateway.context import RequestContext
-from gateway.errors import BadGateway, BadRequest, GatewayTimeout
-from gateway.upstream_client import UnsafeHeader, UpstreamError, UpstreamPool, UpstreamResponse
+from gateway.errors import BadGateway, BadRequest, GatewayError, GatewayTimeout, RequestTimeout
+from gateway.http_server import send_continue
+from gateway.upstream_client import (
+    ClientBodyTimeout,
+    UnsafeHeader,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
+from gateway.watchdog import Watchdog
+
+# Methods whose requests carry no body Ollama reads: one sent anyway is refused before it
+# can hold an upstream connection (anonymous slow bodies on `/api/version`).
+BODYLESS_METHODS = frozenset({"GET", "HEAD"})
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus what must never reach Ollama:
 # credentials (they would leak to ollama.com through cloud passthrough), Origin (Ollama
@@ -168,12 +181,19 @@ async def relay(
     if ctx.body is not None:
         data = ctx.body
     elif request.body_exists:
+        if request.method in BODYLESS_METHODS:
+            raise BadRequest(
+                f"a {request.method} request carries no body", reason="body", close=True
+            )
         data = request.content  # streamed: a 10 GB blob upload passes with flat memory
+        await send_continue(request)  # the pipeline passed: now the client may send it
     ctx.upstream_started = time.perf_counter()
     # The gateway's own time: waiting in the fair queue is not overhead.
     ctx.gateway_seconds = ctx.upstream_started - ctx.started - (ctx.queue_seconds or 0.0)
-    # One watchdog per request: the first byte has its own budget (cold model loads).
-    watchdog = ReadWatchdog(upstream.first_byte_timeout or upstream.read_timeout)
+    # One watchdog per request: the first byte has its own budget (cold model loads). It
+    # covers waiting for a connection, pauses while a body streams up (the client's time)
+    # and runs again from the moment the request is fully sent.
+    watchdog = Watchdog(upstream.first_byte_timeout or upstream.read_timeout)
     watchdog.arm()
     try:
         upstream_response = await pool.request(
@@ -184,8 +204,11 @@ async def relay(
             data,
             request.content_length,
             upstream.connect_timeout,
+            timer=watchdog,
+            body_timeout=ctx.state.config.client_body_timeout,
+            send_timeout=upstream.read_timeout,
         )
-        watchdog.reading = False
+        watchdog.pause()
         ctx.first_byte_at = time.perf_counter()
     except asyncio.CancelledError:
         watchdog.stop()
@@ -195,7 +218,10 @@ async def relay(
     except UnsafeHeader:
         watchdog.stop()
         raise BadRequest("invalid header", reason="header") from None
-    except TimeoutError:  # the connect timeout
+    except ClientBodyTimeout:
+        watchdog.stop()
+        raise _body_timeout() from None
+    except (TimeoutError, UpstreamTimeout):  # the connect timeout; Ollama took no more body
         watchdog.stop()
         raise GatewayTimeout("upstream timed out", reason="timeout") from None
     except UpstreamError as exc:
@@ -219,7 +245,7 @@ async def _stream_back(
     request: web.Request,
     ctx: RequestContext,
     upstream_response: UpstreamResponse,
-    watchdog: ReadWatchdog,
+    watchdog: Watchdog,
 ) -> web.StreamResponse:
     tap = ctx.tap
     if tap is not None:
@@ -240,7 +266,7 @@ async def _stream_back(
         while True:
             watchdog.arm()
             chunk = await upstream_response.read_chunk()
-            watchdog.reading = False
+            watchdog.reading = False  # pause(), inlined: this loop runs once per chunk
             if not chunk:
                 break
             if tap is not None:
@@ -259,6 +285,10 @@ async def _stream_back(
         if not watchdog.fired():
             raise  # the client went away (handler cancellation): not ours to handle
         return _fail_midway(request, ctx, response, prepared, "timeout", GatewayTimeout)
+    except ClientBodyTimeout:  # Ollama answered early; the upload then stalled
+        return _fail_midway(request, ctx, response, prepared, "client_body_timeout", None)
+    except UpstreamTimeout:
+        return _fail_midway(request, ctx, response, prepared, "timeout", GatewayTimeout)
     except (UpstreamError, OSError):
         return _fail_midway(request, ctx, response, prepared, "reset", BadGateway)
     tail = tap.end() if tap is not None else b""
@@ -273,52 +303,9 @@ async def _stream_back(
     return response
 
 
-class ReadWatchdog:
-    """One timer per stream instead of two reschedules per chunk.
-
-    The timer wakes at most once per `read_timeout`; it fires only when a read has been
-    waiting that long (time spent writing to a slow client does not count).
-    """
-
-    __slots__ = ("reading", "timeout", "_since", "_task", "_loop", "_handle", "_fired")
-
-    def __init__(self, timeout: float) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._task = asyncio.current_task()
-        self.timeout = timeout
-        self._fired = False
-        self._since = self._loop.time()
-        self.reading = False
-        self._handle = self._loop.call_at(self._since + timeout, self._check)
-
-    def arm(self) -> None:
-        """A read starts waiting now."""
-        self._since = self._loop.time()
-        self.reading = True
-
-    def _check(self) -> None:
-        due = self._since + self.timeout
-        if self.reading and self._loop.time() >= due and self._task is not None:
-            self._fired = True
-            self._task.cancel()
-            return
-        self._handle = self._loop.call_at(
-            due if self.reading else self._loop.time() + self.timeout, self._check
-        )
-
-    def set_timeout(self, timeout: float) -> None:
-        self.timeout = timeout
-        self._handle.cancel()
-        self._handle = self._loop.call_at(self._loop.time() + timeout, self._check)
-
-    def fired(self) -> bool:
-        """True when the cancellation was ours; then it is taken back (uncancel)."""
-        if self._fired and self._task is not None:
-            self._task.uncancel()
-        return self._fired
-
-    def stop(self) -> None:
-        self._handle.cancel()
+def _body_timeout() -> RequestTimeout:
+    # The connection is closed after the answer: the rest of the body may still come.
+    return RequestTimeout("request body timed out", reason="client_body_timeout", close=True)
 
 
 def _fail_midway(
@@ -327,17 +314,21 @@ def _fail_midway(
     response: web.StreamResponse,
     prepared: bool,
     reason: str,
-    error: type[BadGateway] | type[GatewayTimeout],
+    error: type[BadGateway] | type[GatewayTimeout] | None,
 ) -> web.StreamResponse:
-    """Upstream died: before any byte, a JSON 502/504; after, cut the client's connection.
+    """Upstream (or the upload) died: before any byte, a JSON error; after, cut the client.
 
     Writing a clean end after a broken upstream would tell the client the stream finished.
+    `error` None: the client's body timed out (408; the client's fault, not upstream's).
     """
+    failure: GatewayError = (
+        _body_timeout()
+        if error is None
+        else error("upstream timed out" if reason == "timeout" else "upstream reset", reason=reason)
+    )
     if not prepared:
-        raise error(
-            "upstream timed out" if reason == "timeout" else "upstream reset", reason=reason
-        )
-    ctx.outcome = "upstream_error"
+        raise failure
+    ctx.outcome = failure.outcome
     ctx.error_reason = reason
     if request.transport is not None:
         request.transport.abort()

@@ -16,6 +16,7 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.config import GatewayConfig, TLSConfig
 from gateway.config_load import parse_host_port
+from gateway.http_server import GatewayRunner
 from gateway.keys import STATE
 from gateway.logging_setup import configure_logging
 from gateway.metrics_http import start_metrics_listener
@@ -93,7 +94,7 @@ async def serve(
 ) -> int:
     """Serve until SIGTERM/SIGINT; `config` already carries the CLI overrides."""
     app = create_app(config)
-    runner = web.AppRunner(
+    runner = GatewayRunner(
         app,
         handler_cancellation=True,  # a client that leaves cancels its handler -> upstream closed
         access_log=None,  # ours is richer and never logs credentials

@@ -5,19 +5,32 @@ the relay needs none of it and paid for all of it on every request. This client 
 request head itself, parses the response framing (Content-Length, chunked, until close) as
 bytes arrive, and hands body pieces to one reader with flow control: when the reader lags,
 the upstream socket stops being read, so memory stays flat however fast Ollama writes.
+
+A request reaches Ollama at most once: a pooled connection is checked before reuse (an idle
+keep-alive socket that is readable was closed or reset by Ollama) and never retried once the
+request was written, whatever the method: Ollama may have started a generation, a pull or a
+delete. A request body that breaks or stalls halfway resets the connection (RST), so Ollama
+never takes half a body for a whole one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import select
+import socket
 import ssl
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiohttp import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
+
+from gateway.watchdog import Watchdog
 
 MAX_HEAD = 64 * 1024  # Ollama's response heads are a few hundred bytes
 HIGH_WATER = 256 * 1024  # unread body bytes before the upstream socket is paused
@@ -37,6 +50,26 @@ class UpstreamError(Exception):
     def __init__(self, message: str, *, refused: bool = False) -> None:
         super().__init__(message)
         self.refused = refused
+
+
+class UpstreamTimeout(UpstreamError):
+    """Ollama stopped taking the request body for `send_timeout` seconds."""
+
+
+class ClientBodyTimeout(Exception):
+    """The client sent no byte of its request body for `body_timeout` seconds."""
+
+
+class SendTimer(Protocol):
+    """The caller's first-byte timer: it runs only once the request is fully sent."""
+
+    def arm(self) -> None: ...
+    def pause(self) -> None: ...
+
+
+# SO_LINGER on, 0 s: close() sends RST instead of FIN, so the peer sees a reset connection
+# rather than an orderly end of a request body.
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,11 +195,40 @@ class UpstreamConnection(asyncio.Protocol):
     def finished(self) -> bool:
         return self._state == _DONE and self._error is None
 
+    @property
+    def head_received(self) -> bool:
+        return self._head is not None and self._head.done()
+
+    @property
+    def write_blocked(self) -> bool:
+        return self._write_ready is not None and not self._write_ready.done()
+
+    def abort(self) -> None:
+        """Reset the connection: a request cut short must never look complete to Ollama.
+
+        A FIN after a partial chunked body, or a short Content-Length body, is at the
+        mercy of the server's parser; an RST is unambiguous.
+        """
+        transport = self.transport
+        self.reusable = False
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        transport.abort()
+
+    def fail(self, exc: BaseException) -> None:
+        """End the exchange with `exc` (the first failure wins over what follows from it)."""
+        self._fail(exc)
+
     def _fail(self, exc: BaseException) -> None:
-        self._error = exc
+        if self._error is None:
+            self._error = exc
         self.reusable = False
         if self._head is not None and not self._head.done():
-            self._head.set_exception(exc)
+            self._head.set_exception(self._error)
         self._wake()
 
     def _wake(self) -> None:
@@ -384,9 +446,11 @@ class UpstreamResponse:
     def close(self) -> None:
         if self._sender is not None and not self._sender.done():
             self._sender.cancel()
-        self._conn.reusable = False
-        if self._conn.transport is not None:
-            self._conn.transport.close()  # Ollama sees the disconnect and stops generating
+            self._conn.abort()  # the request body was cut short: a reset, never a clean end
+        else:
+            self._conn.reusable = False
+            if self._conn.transport is not None:
+                self._conn.transport.close()  # Ollama sees the disconnect, stops generating
         self._free_slot()
 
     def _free_slot(self) -> None:
@@ -446,13 +510,19 @@ class UpstreamPool:
         return conn
 
     def _take_idle(self, origin: Origin) -> UpstreamConnection | None:
+        """An idle connection still fit to carry a request, or None.
+
+        Ollama closes idle keep-alive connections; a request written onto one would be lost,
+        and may not be sent again (it might have arrived). So each candidate is checked
+        before any byte is written: one the upstream closed is dropped, not used.
+        """
         idle = self._idle.get(origin)
         now = asyncio.get_running_loop().time()
         while idle:
             conn = idle.pop()
             if conn.transport is None or conn.transport.is_closing():
                 continue
-            if now - conn.idle_since > IDLE_SECONDS:
+            if now - conn.idle_since > IDLE_SECONDS or _readable(conn.transport):
                 conn.transport.close()
                 continue
             return conn
@@ -467,7 +537,18 @@ class UpstreamPool:
         body: bytes | StreamReader | None,
         content_length: int | None,
         connect_timeout: float,
+        *,
+        timer: SendTimer | None = None,
+        body_timeout: float | None = None,
+        send_timeout: float | None = None,
     ) -> UpstreamResponse:
+        """Send one request; return once the response head arrived.
+
+        `timer` is paused while a streamed body is sent and armed once the request is
+        fully written. `body_timeout`: seconds without a byte of the client's streamed body
+        (then ClientBodyTimeout); `send_timeout`: seconds Ollama may stop taking it (then
+        UpstreamTimeout). Either way the upstream connection is reset.
+        """
         origin = Origin.of(url)
         lines = [f"{method} {target} HTTP/1.1", f"Host: {origin.authority}"]
         for name, value in headers:
@@ -485,40 +566,16 @@ class UpstreamPool:
         # aiohttp's parser decoded the client's header bytes as UTF-8 with surrogateescape:
         # encoding the same way gives Ollama exactly the bytes the client sent.
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
-        replayable = not isinstance(body, StreamReader)
         if self._slots is not None:
             await self._slots.acquire()
         try:
-            return await self._request(
-                origin, method, head, body, content_length, connect_timeout, replayable
-            )
+            # No retry, whatever the method: once written, a request may have reached Ollama.
+            conn = self._take_idle(origin) or await self._connect(origin, connect_timeout)
+            sending = _Sending(timer, body_timeout, send_timeout)
+            return await self._exchange(conn, origin, method, head, body, content_length, sending)
         except BaseException:
             self.slot_done()  # no response holds the slot
             raise
-
-    async def _request(
-        self,
-        origin: Origin,
-        method: str,
-        head: bytes,
-        body: bytes | StreamReader | None,
-        content_length: int | None,
-        connect_timeout: float,
-        replayable: bool,
-    ) -> UpstreamResponse:
-        for attempt in range(2):
-            conn = self._take_idle(origin)
-            reused = conn is not None
-            if conn is None:
-                conn = await self._connect(origin, connect_timeout)
-            try:
-                return await self._exchange(conn, origin, method, head, body, content_length)
-            except UpstreamError:
-                # A pooled connection the upstream had just closed: not one byte of an answer
-                # came back. Once, on a fresh connection, when the body can be sent again.
-                if not (reused and replayable and attempt == 0 and not conn.answered):
-                    raise
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _exchange(
         self,
@@ -528,6 +585,7 @@ class UpstreamPool:
         head: bytes,
         body: bytes | StreamReader | None,
         content_length: int | None,
+        sending: _Sending,
     ) -> UpstreamResponse:
         transport = conn.transport
         assert transport is not None
@@ -537,36 +595,121 @@ class UpstreamPool:
             transport.write(head + body if len(body) < 65536 else head)
             if len(body) >= 65536:
                 transport.write(body)
-        else:
+            sending.written(conn)
+        elif body is None:
             transport.write(head)
-            if body is not None:
-                sender = asyncio.create_task(_send_body(conn, body, chunked=content_length is None))
+            sending.written(conn)
+        else:
+            if sending.timer is not None:
+                sending.timer.pause()  # uploading is the client's time, not Ollama's
+            transport.write(head)
+            sender = asyncio.create_task(
+                _send_body(conn, body, chunked=content_length is None, sending=sending)
+            )
         try:
             status, reason, headers = await answer
         except BaseException:
-            if sender is not None:
+            if sender is not None and not sender.done():
                 sender.cancel()
-            transport.close()
+                conn.abort()
+            else:
+                transport.close()
             raise
         return UpstreamResponse(status, reason, headers, conn, self, origin, sender)
 
 
-async def _send_body(conn: UpstreamConnection, body: StreamReader, *, chunked: bool) -> None:
-    """Stream a request body (a blob upload) with backpressure; stop if Ollama answered."""
+def _readable(transport: asyncio.BaseTransport) -> bool:
+    """True when an idle connection's socket has something to read: EOF, RST or stray bytes.
+
+    The event loop may not have run since the peer's FIN arrived, so `is_closing()` alone
+    misses a connection closed a moment ago; the kernel already knows.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None or not hasattr(select, "poll"):  # no poll (Windows): is_closing() only
+        return False
+    try:
+        fd = sock.fileno()
+    except (OSError, ValueError):
+        return True
+    if fd < 0:
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(0))
+
+
+@dataclass(frozen=True, slots=True)
+class _Sending:
+    """How one request body is timed on its way up."""
+
+    timer: SendTimer | None
+    body_timeout: float | None
+    send_timeout: float | None
+
+    def written(self, conn: UpstreamConnection) -> None:
+        """The whole request is handed over: Ollama's time starts once the socket takes it."""
+        timer = self.timer
+        if timer is None:
+            return
+        ready = conn._write_ready
+        if ready is None or ready.done():
+            timer.arm()
+        else:  # still queued in our buffer (a big JSON body, a slow upstream)
+            ready.add_done_callback(lambda _: None if conn.head_received else timer.arm())
+
+    async def drain(self, conn: UpstreamConnection) -> None:
+        if not conn.write_blocked:
+            return
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                await conn.drain()
+        except TimeoutError:
+            raise UpstreamTimeout("upstream stopped reading the request body") from None
+
+
+async def _send_body(
+    conn: UpstreamConnection, body: StreamReader, *, chunked: bool, sending: _Sending
+) -> None:
+    """Stream a request body (a blob upload) with backpressure; stop if Ollama answered.
+
+    Every way out short of the whole body resets the upstream connection: Ollama must never
+    act on half a blob or half a JSON document.
+    """
     transport = conn.transport
     assert transport is not None
+    idle = Watchdog(sending.body_timeout) if sending.body_timeout else None
     try:
-        async for piece in body.iter_any():
+        while True:
+            if idle is not None:
+                idle.arm()
+            piece = await body.readany()
+            if idle is not None:
+                idle.pause()
+            if not piece:
+                break
             if transport.is_closing():
                 return  # Ollama answered early (the blob exists) and hung up
             if chunked:
                 transport.writelines((f"{len(piece):x}\r\n".encode(), piece, b"\r\n"))
             else:
                 transport.write(piece)
-            await conn.drain()
-        if chunked and not transport.is_closing():
+            await sending.drain(conn)
+        if transport.is_closing():
+            return
+        if chunked:
             transport.write(b"0\r\n\r\n")
+        if sending.timer is not None and not conn.head_received:
+            sending.written(conn)
     except asyncio.CancelledError:
-        raise
+        if idle is None or not idle.fired():
+            raise  # the exchange is over (client gone, answer read): the canceller resets
+        conn.fail(ClientBodyTimeout("request body timed out"))
+        conn.abort()
+    except UpstreamTimeout as exc:
+        conn.fail(exc)
+        conn.abort()
     except Exception:  # the client's upload broke: Ollama must not get half a blob
-        transport.close()  # the answer side reports the failure as a reset
+        conn.abort()  # the answer side reports the failure as a reset
+    finally:
+        if idle is not None:
+            idle.stop()

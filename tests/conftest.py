@@ -30,6 +30,7 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.config_load import load_config
+from gateway.http_server import GatewayRunner
 from tests.fake_ollama import FakeOllama
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,7 +74,8 @@ async def gateway_factory(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         loaded = load_config(path)
         app = create_app(loaded, **deps)
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
+        # The runner `serve` uses: aiohttp's parser errors are answered the gateway's way.
+        runner = GatewayRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
         await runner.setup()
         runners.append(runner)
         site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)

@@ -61,6 +61,16 @@ def metric_names(expr: str) -> set[str]:
     return names
 
 
+def grouping_labels(expr: str) -> set[str]:
+    """Labels a PromQL expression groups by (`sum by (route, user) (...)`)."""
+    return {
+        label.strip()
+        for group in re.findall(r"\bby\s*\(([^)]*)\)", expr)
+        for label in group.split(",")
+        if label.strip()
+    }
+
+
 def panels(items: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     for item in items:
         yield item
@@ -86,6 +96,21 @@ def test_metric_name_extraction() -> None:
         'x="y(z)"}[$__rate_interval]))) / on(instance) group_left b + sum(c) or vector(0)'
     )
     assert metric_names(expr) == {"a_bucket", "b", "c"}
+    assert grouping_labels(expr) == {"le", "route_class"}
+
+
+def test_a_panel_shows_requests_by_endpoint() -> None:
+    """Which endpoints are called (and by whom): the `route` label, on its own panel."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    by_route = [
+        target["expr"]
+        for panel in panels(dashboard["panels"])
+        for target in panel.get("targets", [])
+        if "route" in grouping_labels(target["expr"])
+        and "ollama_gateway_requests_total" in metric_names(target["expr"])
+    ]
+    assert by_route
+    assert any("user" in grouping_labels(expr) for expr in by_route)
 
 
 def test_dashboard_is_well_formed() -> None:
@@ -153,6 +178,17 @@ async def test_every_dashboard_series_is_exported(
     assert wanted and all(name.startswith("ollama_gateway_") for name in wanted), wanted
     missing = wanted - exported.names()
     assert not missing, f"dashboard queries series the gateway does not export: {missing}"
+    # A panel grouping by a label the series lacks shows one unlabelled line: every grouping
+    # label must be on the samples of a series its query reads (when they have samples).
+    for panel in panels(json.loads(DASHBOARD.read_text())["panels"]):
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            carried: set[str] = set()
+            samples = [s for s in exported.samples if s.name in metric_names(expr)]
+            for sample in samples:
+                carried |= set(sample.labels)
+            lacking = grouping_labels(expr) - carried - {"instance", "job"}  # Prometheus adds
+            assert not samples or not lacking, f"{panel['title']}: no {lacking} in {expr}"
     # The core series carry samples after this traffic, not just declarations.
     sampled = {s.name for s in exported.samples}
     assert {

@@ -238,7 +238,7 @@ async def test_keep_alive_reuses_one_connection(pool: UpstreamPool) -> None:
     assert upstream.connections == 1
 
 
-async def test_a_pooled_connection_closed_by_the_upstream_is_retried_once(
+async def test_a_pooled_connection_closed_by_the_upstream_is_not_reused(
     pool: UpstreamPool,
 ) -> None:
     """Ollama closes idle keep-alive connections; the next request must not fail for it."""

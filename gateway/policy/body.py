@@ -15,7 +15,8 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from gateway.context import RequestContext
-from gateway.errors import BadRequest, GatewayError, PayloadTooLarge
+from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, RequestTimeout
+from gateway.http_server import send_continue
 from gateway.policy.decode import (
     DecodedTooLarge,
     DecodeError,
@@ -31,15 +32,26 @@ OFFLOAD_BYTES = 1024 * 1024  # parse bigger bodies off the event loop
 T = TypeVar("T")
 
 
-async def read_bounded(request: web.Request, limit: int) -> bytes:
-    """The whole body, or 413 as soon as it exceeds `limit` (never reading much past it)."""
+async def read_bounded(request: web.Request, limit: int, idle_timeout: float) -> bytes:
+    """The whole body, or 413 as soon as it exceeds `limit` (never reading much past it).
+
+    No byte for `idle_timeout` seconds: 408 (nothing has reached Ollama yet), and the
+    connection is closed (the rest of the body may still be on its way).
+    """
     declared = request.content_length
     if declared is not None and declared > limit:
         raise PayloadTooLarge("request body too large", reason="body_size")
+    await send_continue(request)  # limits, authentication and the route passed: send it
     chunks: list[bytes] = []
     total = 0
     while True:
-        chunk = await request.content.read(min(READ_CHUNK, limit + 1 - total))
+        try:  # a few reads per JSON body: one timer each is cheap here
+            async with asyncio.timeout(idle_timeout):
+                chunk = await request.content.read(min(READ_CHUNK, limit + 1 - total))
+        except TimeoutError:
+            raise RequestTimeout(
+                "request body timed out", reason="client_body_timeout", close=True
+            ) from None
         if not chunk:
             return b"".join(chunks)
         total += len(chunk)
@@ -58,7 +70,7 @@ async def body_model_names(
     request: web.Request, ctx: RequestContext, spec: BodySpec, limit: int
 ) -> list[str]:
     """Read the body into `ctx.body` (and `ctx.json`); every model name it carries."""
-    body = await read_bounded(request, limit)
+    body = await read_bounded(request, limit, ctx.state.config.client_body_timeout)
     ctx.body = body
     ctx.bytes_in = len(body)
     if not body:

@@ -41,13 +41,17 @@ def basic_challenge(realm: str) -> str:
 async def canonical_path_stage(request: web.Request, handler: Handler) -> web.StreamResponse:
     """One path form for the whole pipeline: the relay forwards exactly `ctx.path`."""
     ctx = request[CONTEXT]
+    if request.version < (1, 0):
+        # An HTTP/0.9 request line (`GET /`): no headers, so no Host and no credentials;
+        # aiohttp parses it, but it is never relayed (it used to reach Ollama's `/`).
+        raise BadRequest("HTTP/1.0 or later required", reason="version", close=True)
     try:
         ctx.path = canonical_path(ctx.path)
     except PathError as exc:
         ctx.path = loggable_target(ctx.path)  # never a userinfo password in the access log
         raise BadRequest(str(exc), reason="path") from None
     ctx.path, ctx.pinned_upstream = split_upstream_prefix(ctx.path)
-    ctx.route_class = ctx.state.policy.classify(ctx.path)
+    ctx.route_class, ctx.route = ctx.state.policy.classify_route(ctx.path)
     return await handler(request)
 
 

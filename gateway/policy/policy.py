@@ -10,7 +10,14 @@ from gateway.auth.principal import Principal
 from gateway.config import GatewayConfig
 from gateway.policy.models import ModelMatcher, models_for
 from gateway.policy.origins import CorsPolicy
-from gateway.policy.routes import BUILTIN_ROUTES, Access, RouteTable, route_class
+from gateway.policy.routes import (
+    BUILTIN_ROUTES,
+    METRICS_ROUTE,
+    Access,
+    RouteTable,
+    classify_route,
+    route_class,
+)
 
 GATEWAY_PATHS = ("/healthz", "/readyz")
 _MATCHER_CACHE_SIZE = 1024
@@ -45,6 +52,15 @@ class Policy:
         if lowered in GATEWAY_PATHS or lowered == self.metrics_path:
             return "gateway"
         return route_class(path)
+
+    def classify_route(self, path: str) -> tuple[str, str]:
+        """(route class, route): the metric labels of a canonical path, both bounded."""
+        lowered = path.lower()
+        if lowered in GATEWAY_PATHS:
+            return "gateway", lowered
+        if lowered == self.metrics_path:
+            return "gateway", METRICS_ROUTE
+        return classify_route(path)
 
     def route_access(self, method: str, path: str, principal: Principal | None) -> Access:
         """May `principal` (None: anonymous) call `method path` (a canonical path)?"""

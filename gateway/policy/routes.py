@@ -137,22 +137,46 @@ class RouteTable:
 # --- route classes: a fixed, small label set for metrics --------------------------------
 
 ROUTE_CLASSES = ("public", "inference", "read", "management", "cloud", "gateway", "other")
-_CLASS_PATTERNS: tuple[tuple[str, tuple[re.Pattern[str], ...]], ...] = tuple(
-    (label, tuple(compile_glob(p) for p in paths))
-    for label, paths in (
-        ("public", PUBLIC_PATHS),
-        ("inference", INFERENCE_PATHS),
-        ("read", READ_PATHS),
-        ("management", MANAGEMENT_PATHS),
-        ("cloud", CLOUD_PATHS),
-    )
+_CLASSES = (
+    ("public", PUBLIC_PATHS),
+    ("inference", INFERENCE_PATHS),
+    ("read", READ_PATHS),
+    ("management", MANAGEMENT_PATHS),
+    ("cloud", CLOUD_PATHS),
 )
+# Known endpoints by exact path (most requests), then the globbed ones, in table order.
+_EXACT: dict[str, tuple[str, str]] = {
+    path: (label, path) for label, paths in _CLASSES for path in paths if "*" not in path
+}
+_GLOBS: tuple[tuple[re.Pattern[str], str, str], ...] = tuple(
+    (compile_glob(path), label, path) for label, paths in _CLASSES for path in paths if "*" in path
+)
+OTHER_ROUTE = "other"
+METRICS_ROUTE = "/metrics"  # the metrics endpoint, whatever path the config gives it
+GATEWAY_ROUTES = ("/healthz", "/readyz", METRICS_ROUTE)
+# Every value the `route` metric label can take: a fixed set, whatever clients send.
+ROUTE_LABELS = frozenset(
+    (*(path for _, paths in _CLASSES for path in paths), *GATEWAY_ROUTES, OTHER_ROUTE)
+)
+
+
+def classify_route(path: str) -> tuple[str, str]:
+    """(route class, route) of a canonical Ollama path.
+
+    The route is the known endpoint the path matched, as written in the table
+    (`/api/chat`, `/v1/models/*`, `/api/blobs/*`), or `other`: a path a client made up
+    never becomes a label value of its own.
+    """
+    lowered = path.lower()
+    exact = _EXACT.get(lowered)
+    if exact is not None:
+        return exact
+    for pattern, label, route in _GLOBS:
+        if pattern.fullmatch(lowered):
+            return label, route
+    return "other", OTHER_ROUTE
 
 
 def route_class(path: str) -> str:
     """The label of a canonical Ollama path (gateway endpoints are labelled by the policy)."""
-    lowered = path.lower()
-    for label, patterns in _CLASS_PATTERNS:
-        if any(p.fullmatch(lowered) for p in patterns):
-            return label
-    return "other"
+    return classify_route(path)[0]
