@@ -67,6 +67,7 @@ class RequestContext:
     pinned_upstream: str | None = None  # named by the `/upstreams/NAME/` path prefix
     upstream: str | None = None  # the server this request goes to (name)
     candidates: tuple[str, ...] = ()  # servers that may serve its model, best first
+    failover_statuses: frozenset[int] = frozenset()  # upstream answers that try another server
 
     @property
     def user(self) -> str | None:

@@ -21,6 +21,9 @@ class GatewayError(Exception):
     status: int = 500
     outcome: str = "rejected"
     linger: bool = True  # with `close`: discard the unread body a while before closing
+    # The upstream refused, timed out connecting, dropped the connection before any response
+    # byte, or answered a status the request asked to fail over on: another server may try.
+    failover: bool = False
 
     def __init__(
         self,
@@ -82,6 +85,18 @@ class ServiceUnavailable(GatewayError):
 class BadGateway(GatewayError):
     status = 502
     outcome = "upstream_error"
+
+
+class UpstreamAnswered(GatewayError):
+    """The upstream answered a status the caller fails over on (an instant 503, a 404)."""
+
+    status = 502
+    outcome = "upstream_error"
+    failover = True
+
+    def __init__(self, upstream_status: int) -> None:
+        super().__init__(f"upstream answered {upstream_status}", reason=f"status_{upstream_status}")
+        self.upstream_status = upstream_status
 
 
 class GatewayTimeout(GatewayError):

@@ -20,7 +20,14 @@ from yarl import URL
 
 from gateway.config import UpstreamConfig
 from gateway.context import RequestContext
-from gateway.errors import BadGateway, BadRequest, GatewayError, GatewayTimeout, RequestTimeout
+from gateway.errors import (
+    BadGateway,
+    BadRequest,
+    GatewayError,
+    GatewayTimeout,
+    RequestTimeout,
+    UpstreamAnswered,
+)
 from gateway.http_server import send_continue
 from gateway.upstream_client import (
     ClientBodyTimeout,
@@ -223,12 +230,14 @@ async def relay(
         raise _body_timeout() from None
     except (TimeoutError, UpstreamTimeout):  # the connect timeout; Ollama took no more body
         watchdog.stop()
-        raise GatewayTimeout("upstream timed out", reason="timeout") from None
+        raise _before_any_byte(GatewayTimeout("upstream timed out", reason="timeout")) from None
     except UpstreamError as exc:
         watchdog.stop()
         if exc.refused:
-            raise BadGateway("upstream unreachable", reason="refused") from None
-        raise BadGateway("upstream closed the connection", reason="reset") from None
+            raise _before_any_byte(BadGateway("upstream unreachable", reason="refused")) from None
+        raise _before_any_byte(
+            BadGateway("upstream closed the connection", reason="reset")
+        ) from None
     watchdog.set_timeout(upstream.read_timeout)  # later bytes: no byte for this long
     try:
         return await _stream_back(request, ctx, upstream_response, watchdog)
@@ -241,12 +250,20 @@ async def relay(
             ctx.bytes_in = request.content.total_bytes
 
 
+def _before_any_byte(error: GatewayError) -> GatewayError:
+    """Nothing of an answer came: another server may take the request (failover)."""
+    error.failover = True
+    return error
+
+
 async def _stream_back(
     request: web.Request,
     ctx: RequestContext,
     upstream_response: UpstreamResponse,
     watchdog: Watchdog,
 ) -> web.StreamResponse:
+    if upstream_response.status in ctx.failover_statuses:
+        raise UpstreamAnswered(upstream_response.status)  # nothing was written yet
     tap = ctx.tap
     if tap is not None:
         tap.begin(upstream_response.status, upstream_response.headers)

@@ -292,3 +292,14 @@ async def test_retry_after_follows_recent_service_time() -> None:
     with pytest.raises(QueueRejected) as full:
         await scheduler.acquire(ticket("bob"))
     assert 30 <= full.value.retry_after <= 90  # one in service, one ahead: about 2 x 40 s
+
+
+async def test_a_refund_never_puts_the_releasing_user_ahead_of_a_newcomer() -> None:
+    scheduler = FairScheduler(policy())
+    rec = Recorder(scheduler)
+    await rec.submit("a0", ticket("alice", tokens=100))
+    await rec.submit("a1", ticket("alice", tokens=100))
+    await rec.submit("b0", ticket("bob", tokens=100))  # lifted to alice's level
+    await rec.finish("a0", tokens=99)  # Ollama counted one token less than estimated
+    assert rec.order == ["a0", "b0"]
+    assert scheduler.counter("alice") == pytest.approx(99)

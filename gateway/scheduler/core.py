@@ -77,6 +77,13 @@ class Ticket:
     key: SlotKey
     estimate: int  # tokens this request is expected to use (prompt + completion)
     roles: frozenset[str] = frozenset()  # for the user's weight and priority (policy)
+    # Other (upstream, model) slots that can serve it too, in order of preference after `key`:
+    # it takes the first free one, or waits for whichever frees first.
+    alternatives: tuple[SlotKey, ...] = ()
+
+    @property
+    def keys(self) -> tuple[SlotKey, ...]:
+        return (self.key, *self.alternatives)
 
 
 class QueueRejected(Exception):
@@ -113,6 +120,7 @@ class _Waiter:
     future: asyncio.Future[Grant]
     enqueued: float
     seq: int
+    pools: list[_Pool]  # it waits in each (several servers can serve it), counted once
     timer: asyncio.TimerHandle | None = None
     queued: bool = True
 
@@ -214,19 +222,22 @@ class FairScheduler:
 
         Cancelling the caller (its client left) removes it from the queue at once.
         """
-        pool = self._pool(ticket.key)
+        pools = [self._pool(key) for key in ticket.keys]
         user = self._user(ticket)
-        capacity = self.policy.slots_for(ticket.key)
-        if capacity == 0 or (pool.waiting == 0 and pool.in_use < capacity and not self._remote):
-            return self._grant(pool, user, ticket, waited=0.0)
+        for pool in pools:  # in order of preference: the first free slot
+            capacity = self.policy.slots_for(pool.key)
+            if capacity == 0 or (pool.waiting == 0 and pool.in_use < capacity and not self._remote):
+                return self._grant(pool, user, ticket, waited=0.0)
+        pool = pools[0]
         policy = self.policy
         if user.waiting >= policy.max_queue_per_user:
             raise QueueRejected("user_queue_full", self._retry_after(pool, user.waiting))
         if self.waiting_total >= policy.max_queue:
             raise QueueRejected("queue_full", self._retry_after(pool, pool.waiting))
-        waiter = self._enqueue(pool, user, ticket)
+        waiter = self._enqueue(pools, user, ticket)
         if self._remote:
-            self._kick(pool)
+            for each in pools:
+                self._kick(each)
         try:
             return await waiter.future
         except asyncio.CancelledError:
@@ -300,7 +311,7 @@ class FairScheduler:
         for name in [n for n, u in self._users.items() if not u.waiting and not u.running]:
             del self._users[name]
 
-    def _enqueue(self, pool: _Pool, user: _User, ticket: Ticket) -> _Waiter:
+    def _enqueue(self, pools: list[_Pool], user: _User, ticket: Ticket) -> _Waiter:
         if user.waiting == 0:
             # Not banked: a user who starts waiting competes from the current level.
             floor = min(
@@ -310,28 +321,30 @@ class FairScheduler:
             self._backlogged.add(ticket.user)
         loop = asyncio.get_running_loop()
         self._seq += 1
-        waiter = _Waiter(ticket, user, loop.create_future(), self._clock(), self._seq)
-        waiter.timer = loop.call_later(self.policy.queue_timeout, self._expire, pool, waiter)
-        pool.queues.setdefault(ticket.user, deque()).append(waiter)
-        pool.waiting += 1
+        waiter = _Waiter(ticket, user, loop.create_future(), self._clock(), self._seq, pools)
+        waiter.timer = loop.call_later(self.policy.queue_timeout, self._expire, pools[0], waiter)
+        for pool in pools:
+            pool.queues.setdefault(ticket.user, deque()).append(waiter)
+            pool.waiting += 1
         user.waiting += 1
         self.waiting_total += 1
         return waiter
 
     def _unqueue(self, pool: _Pool, waiter: _Waiter) -> None:
-        """Take a waiter out of its pool's queues (dispatch, timeout, departure)."""
+        """Take a waiter out of every pool it waits in (dispatch, timeout, departure)."""
         waiter.queued = False
         if waiter.timer is not None:
             waiter.timer.cancel()
         name = waiter.ticket.user
-        queue = pool.queues[name]
-        if queue[0] is waiter:
-            queue.popleft()
-        else:
-            queue.remove(waiter)
-        if not queue:
-            del pool.queues[name]
-        pool.waiting -= 1
+        for each in waiter.pools:
+            queue = each.queues[name]
+            if queue[0] is waiter:
+                queue.popleft()
+            else:
+                queue.remove(waiter)
+            if not queue:
+                del each.queues[name]
+            each.waiting -= 1
         self.waiting_total -= 1
         waiter.user.waiting -= 1
         if waiter.user.waiting == 0:
@@ -342,7 +355,8 @@ class FairScheduler:
         give it back untouched (Ollama never sees the request)."""
         if waiter.queued:
             self._unqueue(pool, waiter)
-            self._dispatch(pool)  # it may have blocked nobody, but keep the invariant simple
+            for each in waiter.pools:
+                self._dispatch(each)  # it may have blocked nobody, but keep it simple
         elif (
             waiter.future.done()
             and not waiter.future.cancelled()
@@ -417,13 +431,22 @@ class FairScheduler:
         if tokens is not None and tokens != ticket.estimate:
             # Reconcile with what Ollama reported: the counter reflects real tokens.
             delta = tokens / user.weight - charged
+        if delta > 0:
             user.counter += delta
         if tokens != 0:
             served = self._clock() - grant.started
             pool.service_seconds += SERVICE_SMOOTHING * (served - pool.service_seconds)
         if not self._remote:
+            # A refund lands after the next dispatch is chosen: an estimate a little above
+            # the real count must not put the releasing user back ahead of a newcomer
+            # lifted to its level (it would then wait one generation more).
             self._pump(pool)
-        elif grant._holder is not None:  # the pump retakes once the lease is back
+            if delta < 0:
+                user.counter += delta
+            return
+        if delta < 0:
+            user.counter += delta
+        if grant._holder is not None:  # the pump retakes once the lease is back
             self._sync(user, self.store.give(pool.key, grant._holder, ticket.user, delta), pool)
         else:  # a local slot (the store was down): nothing to give back
             if delta:
