@@ -64,6 +64,7 @@ def access_fields(ctx: RequestContext, end: float, wall_end: float) -> dict[str,
         "ttfb_ms": _ms(first_byte - ctx.started if first_byte is not None else None),
         "gateway_ms": _ms(ctx.gateway_seconds if ctx.upstream_started is not None else duration),
         "queue_ms": _ms(ctx.queue_seconds),
+        "upstream": ctx.upstream,
         "prompt_tokens": usage.prompt_tokens if usage else None,
         "completion_tokens": usage.completion_tokens if usage else None,
     }

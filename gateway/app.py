@@ -39,6 +39,7 @@ from gateway.logging_setup import server_log
 from gateway.metrics import GatewayMetrics
 from gateway.metrics_http import add_metrics_route, in_flight_stage
 from gateway.metrics_queue import QueueMetrics
+from gateway.metrics_upstreams import UpstreamMetrics
 from gateway.pipeline import Observer, context_stage, errors_stage, observe_stage
 from gateway.policy.cors import add_cors_headers
 from gateway.policy.middleware import authorise_stage, canonical_path_stage, cors_stage
@@ -173,6 +174,7 @@ def create_app(config: GatewayConfig, **deps: Any) -> web.Application:
     app[STATE].on_swap.append(lambda state: _reconfigure(scheduler, state))
     app[CLUSTER] = cluster = Cluster(config, timings=deps.get("upstream_timings") or Timings())
     app[STATE].on_swap.append(lambda state: cluster.reconfigure(state.config))
+    observers.append(UpstreamMetrics(metrics, cluster).observe)
     observers.append(QueueMetrics(metrics, scheduler).observe)
     app.cleanup_ctx.append(_limiter)
     app.on_cleanup.append(close_authenticator)  # hashing threads + JWKS session

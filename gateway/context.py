@@ -68,6 +68,7 @@ class RequestContext:
     upstream: str | None = None  # the server this request goes to (name)
     candidates: tuple[str, ...] = ()  # servers that may serve its model, best first
     failover_statuses: frozenset[int] = frozenset()  # upstream answers that try another server
+    failovers: list[tuple[str, str]] = field(default_factory=list)  # (server, reason) skipped
 
     @property
     def user(self) -> str | None:

@@ -38,6 +38,7 @@ FIELDS = {
     "duration_ms",
     "ttfb_ms",
     "queue_ms",
+    "upstream",
     "gateway_ms",
     "prompt_tokens",
     "completion_tokens",

@@ -50,12 +50,14 @@ async def queue_stage(request: web.Request, handler: Handler) -> web.StreamRespo
     if model is None or request.method != "POST" or ctx.path.lower() not in SCHEDULED_PATHS:
         return await handler(request)
     policy = ctx.state.scheduling
-    key = (ctx.upstream or DEFAULT_UPSTREAM, model)
-    if policy.slots_for(key) == 0:
+    servers = ctx.candidates or (ctx.upstream or DEFAULT_UPSTREAM,)
+    keys = [(server, model) for server in servers]
+    if len(keys) == 1 and policy.slots_for(keys[0]) == 0:
         return await handler(request)  # `slots: 0`: no queue at the gateway
     ticket = Ticket(
         user=queue_user(ctx),
-        key=key,
+        key=keys[0],
+        alternatives=tuple(keys[1:]),  # several servers have the model: the first free slot
         estimate=estimate_tokens(ctx.path.lower(), ctx.json, len(ctx.body or b"")),
         roles=ctx.principal.roles if ctx.principal is not None else frozenset(),
     )
@@ -70,6 +72,7 @@ async def queue_stage(request: web.Request, handler: Handler) -> web.StreamRespo
         ctx.queue_outcome = "client_gone"  # Ollama never saw it
         raise
     ctx.queue_seconds, ctx.queue_outcome = grant.waited, "dispatched"
+    ctx.upstream = grant.key[0]
     ctx.response_headers["Server-Timing"] = f"queue;dur={grant.waited * 1000:.2f}"
     tokens: int | None = None
     try:

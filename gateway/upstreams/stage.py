@@ -14,14 +14,16 @@ With one server nothing changes: every request goes to it, listings pass through
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway.context import RequestContext
-from gateway.errors import GatewayError, NotFound, ServiceUnavailable
+from gateway.errors import GatewayError, NotFound, ServiceUnavailable, UpstreamAnswered
 from gateway.keys import CLUSTER, CONTEXT, HTTP_SESSION, SCHEDULER
 from gateway.policy.models import normalise_model
+from gateway.scheduler.stage import SCHEDULED_PATHS
 from gateway.upstreams.listings import (
     go_json,
     lowest_version,
@@ -32,7 +34,11 @@ from gateway.upstreams.listings import (
 )
 from gateway.upstreams.registry import Cluster, Server
 
+log = logging.getLogger("gateway.upstreams")
+
 HEADER = "X-Ollama-Upstream"
+MAX_FAILOVERS = 2  # the first server and at most two more
+FAILOVER_STATUSES = frozenset({503, 404})  # Ollama's queue full; the model not there
 NAMED_CLASSES = frozenset({"management", "cloud"})  # act on one server's store or identity
 CHANGES_CATALOGUE = frozenset({"/api/pull", "/api/create", "/api/copy", "/api/delete"})
 DOWN_RETRY_AFTER = "5"  # servers marked down are probed every few seconds
@@ -66,11 +72,76 @@ async def upstream_stage(request: web.Request, handler: Handler) -> web.StreamRe
         return answer
     if ctx.model is not None:
         servers = [pinned] if pinned is not None else await _servers_for(request, ctx, cluster)
-        ctx.candidates = tuple(s.name for s in _ranked(request, ctx, servers))
-        ctx.upstream = ctx.candidates[0]
-        return await handler(request)
+        ranked = _ranked(request, ctx, servers)
+        return await _with_failover(request, handler, ctx, cluster, ranked)
     ctx.upstream = cluster.first_up().name
     return await handler(request)
+
+
+async def _with_failover(
+    request: web.Request,
+    handler: Handler,
+    ctx: RequestContext,
+    cluster: Cluster,
+    ranked: list[Server],
+) -> web.StreamResponse:
+    """Run the request on the best candidates; before any byte reached the client, a server
+    that refused, dropped the connection or answered an instant 503 / 'model not found' is
+    skipped and the request goes to the next one (at most MAX_FAILOVERS more). Only for
+    inference whose body the gateway holds: model management and uploads never fail over,
+    and a stream cut midway is cut for the client, never replayed elsewhere."""
+    assert ctx.model is not None
+    inference = request.method == "POST" and ctx.path.lower() in SCHEDULED_PATHS
+    may_fail_over = inference and ctx.body is not None and len(ranked) > 1
+    remaining = list(ranked)
+    while True:
+        ctx.candidates = tuple(s.name for s in remaining)
+        ctx.upstream = remaining[0].name
+        _mark_likely_choice(request, ctx, cluster, remaining)
+        last = not may_fail_over or len(remaining) == 1 or len(ctx.failovers) >= MAX_FAILOVERS
+        ctx.failover_statuses = frozenset() if last else FAILOVER_STATUSES
+        try:
+            response = await handler(request)
+        except GatewayError as error:
+            if last or not error.failover:
+                raise
+            failed = cluster.servers[ctx.upstream]
+            _note_failure(cluster, failed, error)
+            ctx.failovers.append((failed.name, error.reason or "error"))
+            log.warning(
+                "request %s: upstream %s failed before answering (%s); trying another",
+                ctx.request_id,
+                failed.name,
+                error.reason,
+            )
+            remaining = [s for s in remaining if s is not failed]
+            continue
+        cluster.sticky.set(ctx.user or ctx.client_ip, ctx.model, ctx.upstream)
+        return response
+
+
+def _note_failure(cluster: Cluster, server: Server, error: GatewayError) -> None:
+    if isinstance(error, UpstreamAnswered):
+        if error.upstream_status == 404:  # "model not found": its catalogue is stale
+            cluster.refresh_soon(server)
+        else:  # an instant 503: Ollama's queue is full
+            cluster.cool_down(server)
+    else:  # refused, connect timeout, reset before answering
+        cluster.mark_down(server, error.reason or "unreachable")
+
+
+def _mark_likely_choice(
+    request: web.Request, ctx: RequestContext, cluster: Cluster, servers: list[Server]
+) -> None:
+    """The scheduler takes the first candidate with a free slot: mark the model as loading
+    there now, so the next request of a burst prefers it instead of cold-loading elsewhere."""
+    assert ctx.model is not None
+    scheduler = request.app[SCHEDULER]
+    for server in servers:
+        used, slots = scheduler.load((server.name, ctx.model))
+        if slots == 0 or used < slots:
+            cluster.mark_loading(server, ctx.model)
+            return
 
 
 def _named(cluster: Cluster, name: str) -> Server:
