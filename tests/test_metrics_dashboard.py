@@ -200,3 +200,33 @@ async def test_every_dashboard_series_is_exported(
         "ollama_gateway_auth_failures_total",
         "ollama_gateway_build_info",
     } <= sampled
+
+
+def test_panels_show_the_fair_queue_and_a_row_per_upstream() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    names = dashboard_metric_names(dashboard)
+    assert {
+        "ollama_gateway_queue_waiting",
+        "ollama_gateway_queue_wait_seconds_bucket",
+        "ollama_gateway_queue_rejections_total",
+        "ollama_gateway_slots_in_use",
+        "ollama_gateway_slots",
+        "ollama_gateway_queue_tokens_charged_total",
+        "ollama_gateway_upstream_server_up",
+        "ollama_gateway_upstream_requests_total",
+        "ollama_gateway_upstream_server_ttfb_seconds_bucket",
+        "ollama_gateway_upstream_failovers_total",
+        "ollama_gateway_upstream_models_loaded",
+    } <= names
+    [row] = [p for p in dashboard["panels"] if p.get("repeat") == "upstream"]
+    assert row["type"] == "row"
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    assert "upstream" in variables
+    # Waiting requests are shown by priority, never by user (a label the series lacks).
+    waiting = [
+        t["expr"]
+        for p in panels(dashboard["panels"])
+        for t in p.get("targets", [])
+        if "ollama_gateway_queue_waiting" in metric_names(t["expr"])
+    ]
+    assert waiting and all("user" not in grouping_labels(e) for e in waiting)
