@@ -58,9 +58,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     path = _config_path(args.config)
     overrides = Overrides(listen=args.listen or None, upstream=args.upstream or None)
-    config = overrides.apply(_load_or_exit(path))  # kept and re-applied on every reload
+    loaded = _load_or_exit(path)
+    config = overrides.apply(loaded)  # kept and re-applied on every reload
     # Secure defaults judge the effective config: the address really listened on.
-    problems = overrides.problems() or startup_problems(config)
+    problems = overrides.problems(loaded) or startup_problems(config)
     if problems:
         print(f"{path}: refusing to start", file=sys.stderr)
         for problem in problems:

@@ -40,8 +40,13 @@ class Overrides:
     listen: str | None = None
     upstream: str | None = None
 
-    def problems(self) -> list[Problem]:
+    def problems(self, config: GatewayConfig | None = None) -> list[Problem]:
         problems = []
+        if self.upstream is not None and config is not None and config.upstreams:
+            # Which of the servers would it replace? Silently ignoring it would mislead.
+            problems.append(
+                Problem("--upstream", "cannot be used when the config lists `upstreams`")
+            )
         if self.listen is not None:
             try:
                 parse_host_port(self.listen)
@@ -208,10 +213,11 @@ class Reloader:
             config = await asyncio.to_thread(load_config, self.path)
         except ConfigError as exc:
             return self._refuse(exc.problems)
+        problems = self.overrides.problems(config)
         config = self.overrides.apply(config)
         config, notes = pin_restart_only(config, self.running)
         # Judged on the effective config: the address really listened on, after overrides.
-        problems = startup_problems(config)
+        problems = problems or startup_problems(config)
         if problems:
             return self._refuse(problems)
         new_tls = None

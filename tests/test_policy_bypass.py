@@ -71,6 +71,20 @@ PULL_TARGETS: list[bytes] = [
     b"/api/pu ll",
     b"*",
     b"api/pull",
+    # The server-selector prefix is judged on the path without it.
+    b"/upstreams/default/api/pull",
+    b"/upstreams/nope/api/pull",
+    b"/UPSTREAMS/default/api/pull",
+    b"/upstreams/DEFAULT/API/PULL",
+    b"/upstreams/%64efault/api/pull",
+    b"/upstreams/default//api/pull",
+    b"/upstreams/default/../api/pull",
+    b"/upstreams/default/%2e%2e/api/pull",
+    b"/upstreams/default/api%2Fpull",
+    b"/upstreams%2Fdefault/api/pull",
+    b"/upstreams/default/upstreams/default/api/pull",
+    b"/v1/../upstreams/default/api/pull",
+    b"http://evil.example/upstreams/default/api/pull",
 ]
 
 

@@ -6,15 +6,17 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from gateway.keys import CLUSTER
 from gateway.upstreams.registry import Timings
 from tests.auth_support import FAST_BCRYPT, basic
-from tests.conftest import GatewayFactory, RunningGateway, until
+from tests.conftest import GatewayFactory, RunningGateway, run_cli, until
 from tests.fake_ollama import FakeOllama
 
 PASSWORD = "correct horse battery staple"
@@ -420,3 +422,13 @@ async def test_reload_adds_a_server(
     await until(lambda: cluster.servers["gpu2"].catalogue_at is not None)
     status, _ = await post(http, gw, "/api/embed", {"model": "all-minilm", "input": "x"})
     assert status == 200
+
+
+async def test_the_upstream_override_is_refused_with_several_servers(
+    tmp_path: Path, pair: Pair
+) -> None:
+    a, b = pair
+    path = tmp_path / "gateway.yaml"
+    await asyncio.to_thread(path.write_text, yaml.safe_dump(config(a, b)))
+    code, _out, err = await run_cli("serve", "--config", str(path), "--upstream", a.url)
+    assert code == 2 and "--upstream: cannot be used when the config lists `upstreams`" in err
