@@ -1,7 +1,8 @@
 """RequestContext: what every stage learns about one request, in one place.
 
 Stages write into it; metrics and the access log only read it. One outcome per request:
-completed, rejected, upstream_error or client_gone.
+completed, rejected, upstream_error, client_gone, or shutdown (cut by SIGTERM after
+`shutdown_grace`).
 """
 
 from __future__ import annotations

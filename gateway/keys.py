@@ -8,6 +8,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway.context import RequestContext
+from gateway.drain import Drain
 from gateway.health_state import UpstreamUp
 from gateway.limits import Limiter
 from gateway.metrics import GatewayMetrics
@@ -23,3 +24,4 @@ METRICS = web.AppKey("metrics", GatewayMetrics)  # this app's series and registr
 # Limit counters; outlive config reloads. (A Protocol: typed by annotation, not argument.)
 LIMITER: web.AppKey[Limiter] = web.AppKey("limiter")
 UPSTREAM_UP = web.AppKey("upstream_up", UpstreamUp)  # last /readyz result, for metrics
+DRAIN = web.AppKey("drain", Drain)  # requests in flight, for SIGTERM (set by `serve` only)

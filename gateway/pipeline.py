@@ -20,8 +20,9 @@ from aiohttp.typedefs import Handler
 
 from gateway.client_address import forwarded_proto, resolve_client
 from gateway.context import RequestContext
+from gateway.drain import SHUTDOWN_OUTCOME
 from gateway.errors import GatewayError
-from gateway.keys import CONTEXT, OBSERVERS, STATE
+from gateway.keys import CONTEXT, DRAIN, OBSERVERS, STATE
 
 log = logging.getLogger("gateway")
 
@@ -73,6 +74,9 @@ async def context_stage(request: web.Request, handler: Handler) -> web.StreamRes
 async def observe_stage(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Feeds metrics and the access log from the context once the request has ended."""
     ctx = request[CONTEXT]
+    drain = request.app.get(DRAIN)  # set by `serve`: SIGTERM waits for what it tracks
+    if drain is not None:
+        drain.enter(request, ctx)
     try:
         response = await handler(request)
         if not ctx.status:
@@ -82,9 +86,12 @@ async def observe_stage(request: web.Request, handler: Handler) -> web.StreamRes
             response.headers.add("Server-Timing", f"gateway;dur={elapsed_ms:.2f}")
         return response
     except asyncio.CancelledError:
-        ctx.outcome = "client_gone"  # aiohttp cancels the handler when the client leaves
+        if ctx.outcome != SHUTDOWN_OUTCOME:  # else cut by SIGTERM after shutdown_grace
+            ctx.outcome = "client_gone"  # aiohttp cancels the handler when the client leaves
         raise
     finally:
+        if drain is not None:
+            drain.leave(ctx)
         for observe in request.app[OBSERVERS]:
             try:
                 observe(ctx)
