@@ -61,6 +61,9 @@ class RequestContext:
     # Added to the relayed (or gateway-made) response, e.g. RateLimit-* from the admit stage.
     response_headers: dict[str, str] = field(default_factory=dict)
     gateway_seconds: float = 0.0  # time spent before the request left for the upstream
+    # The relayed response's last byte was written: a cancellation after that (the client
+    # closing at once, SIGTERM) comes too late to change the outcome.
+    delivered: bool = False
 
     @property
     def user(self) -> str | None:

@@ -47,7 +47,8 @@ class Drain:
             return 0
         cut = list(self._running.values())
         for ctx, task in cut:
-            ctx.outcome = SHUTDOWN_OUTCOME  # read by the observe stage as it unwinds
+            if not ctx.delivered:  # else only settling up after its last byte: completed
+                ctx.outcome = SHUTDOWN_OUTCOME  # read by the observe stage as it unwinds
             task.cancel()
         await self._wait_idle(unwind)
         return len(cut)

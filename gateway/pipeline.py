@@ -86,8 +86,10 @@ async def observe_stage(request: web.Request, handler: Handler) -> web.StreamRes
             response.headers.add("Server-Timing", f"gateway;dur={elapsed_ms:.2f}")
         return response
     except asyncio.CancelledError:
-        if ctx.outcome != SHUTDOWN_OUTCOME:  # else cut by SIGTERM after shutdown_grace
-            ctx.outcome = "client_gone"  # aiohttp cancels the handler when the client leaves
+        # aiohttp cancels the handler when the client leaves, also when it leaves right after
+        # the last byte while later stages still settle up (limits): that one was completed.
+        if not ctx.delivered and ctx.outcome != SHUTDOWN_OUTCOME:  # else cut by SIGTERM
+            ctx.outcome = "client_gone"
         raise
     finally:
         if drain is not None:

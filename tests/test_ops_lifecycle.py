@@ -11,7 +11,16 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import GatewayProcess, gateway_process, run_cli
+from gateway.context import RequestContext
+from gateway.keys import LIMITER, OBSERVERS
+from tests.conftest import (
+    ADMIN_HEADERS,
+    ADMIN_KEY_ENTRY,
+    GatewayFactory,
+    GatewayProcess,
+    gateway_process,
+    run_cli,
+)
 from tests.fake_ollama import FakeOllama
 from tests.ops_support import write_config
 
@@ -192,3 +201,52 @@ async def test_event_loop_choice(
     async with gateway_process(config, tmp_path, env={"OLLAMA_GATEWAY_LOOP": choice}) as gw:
         maps = await asyncio.to_thread(Path(f"/proc/{gw.process.pid}/maps").read_text)
     assert ("uvloop" in maps) is expected
+
+
+async def test_client_leaving_right_after_the_last_byte_is_completed(
+    gateway_factory: GatewayFactory, fake: FakeOllama
+) -> None:
+    """The handler is cancelled while limits settle up after the stream: still `completed`."""
+    gw = await gateway_factory(
+        {
+            "upstream": {"url": fake.url},
+            "auth": {"api_keys": [ADMIN_KEY_ENTRY]},
+            "roles": {
+                "admin": {"models": ["*"], "limits": {"tokens_per_minute": 10_000}},
+                "user": {"models": ["*"]},
+            },
+        }
+    )
+    limiter = gw.app[LIMITER]
+    client_gone, settled = asyncio.Event(), asyncio.Event()
+    real_finish = limiter.finish
+
+    async def finish_once_the_client_left(*args: Any) -> None:
+        await client_gone.wait()  # as a Redis round trip would, past the client's close
+        await real_finish(*args)
+        settled.set()
+
+    limiter.finish = finish_once_the_client_left  # type: ignore[method-assign]
+    limiter.remote = True  # type: ignore[misc]  # settled in the background, as Redis is
+    observed: list[RequestContext] = []
+    logged = asyncio.Event()
+
+    def observe(ctx: RequestContext) -> None:
+        observed.append(ctx)
+        logged.set()
+
+    gw.app[OBSERVERS].append(observe)
+
+    connector = aiohttp.TCPConnector(force_close=True)  # the client closes after the response
+    async with aiohttp.ClientSession(connector=connector) as http:
+        body = {"model": "llama3.2", "prompt": "hi"}
+        async with http.post(f"{gw.url}/api/generate", json=body, headers=ADMIN_HEADERS) as resp:
+            records = [json.loads(line) for line in (await resp.read()).splitlines()]
+    assert records[-1]["done"] is True  # the client got the whole stream, then left
+
+    await asyncio.wait_for(logged.wait(), 5)  # logged as the handler's cancellation unwinds
+    client_gone.set()
+    await asyncio.wait_for(settled.wait(), 5)
+    (ctx,) = observed
+    assert ctx.outcome == "completed"
+    assert ctx.status == 200
