@@ -388,6 +388,34 @@ def test_docker_run_with_a_refused_config_waits_without_crash_looping(stack: Sta
         run("docker", "rm", "-f", name, check=False)
 
 
+def test_docker_run_health_follows_readiness(stack: Stack) -> None:
+    """The image's HEALTHCHECK command, at a test's pace: healthy only while Ollama answers."""
+    name = f"{PROJECT}-run"
+    secret = Path(stack.env["SECRETS_DIR"]) / "jwt_secret"
+    run("docker", "rm", "-f", name, check=False)
+    run(
+        "docker", "run", "-d", "--name", name, "--network", f"{PROJECT}_ollama",
+        "-e", "OLLAMA_URL=http://ollama:11434",
+        "-e", "GATEWAY_JWT_SECRET_FILE=/run/secrets/jwt_secret",
+        "-v", f"{secret}:/run/secrets/jwt_secret:ro",
+        "--health-interval", "1s", "--health-start-period", "1s", "--health-retries", "2",
+        GATEWAY_IMAGE,
+    )  # fmt: skip
+
+    def health() -> str:
+        state = json.loads(run("docker", "inspect", name).stdout)[0]["State"]
+        return str(state["Health"]["Status"])
+
+    try:
+        wait_until("healthy", lambda: health() == "healthy", 60)
+        # Cut off from Ollama: still running, no longer ready, so no longer healthy.
+        run("docker", "network", "disconnect", f"{PROJECT}_ollama", name)
+        wait_until("unhealthy", lambda: health() == "unhealthy", 60)
+        assert json.loads(run("docker", "inspect", name).stdout)[0]["State"]["Running"]
+    finally:
+        run("docker", "rm", "-f", name, check=False)
+
+
 # --- last: stopping the stack during streams ------------------------------------------------
 
 
