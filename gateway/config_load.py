@@ -22,6 +22,10 @@ import yaml
 from gateway.config import DEFAULT_METRICS_ROLES, GatewayConfig, Secret, UpstreamConfig
 
 ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# `${NAME}` with NAME_FILE set reads that file instead (secrets kept out of the environment,
+# where `docker inspect` and /proc/PID/environ show them).
+FILE_SUFFIX = "_FILE"
+MAX_SECRET_FILE_BYTES = 65_536  # a PEM key or a password, not a mistaken path to a big file
 HTTP_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 )
@@ -121,6 +125,14 @@ def _expand_env(value: Any, env: Mapping[str, str], path: str, problems: list[Pr
 
         def substitute(match: re.Match[str]) -> str:
             name, default = match.group(1), match.group(2)
+            from_file = env.get(f"{name}{FILE_SUFFIX}")
+            if from_file:  # NAME_FILE: the value is that file's content (Docker secrets)
+                if env.get(name):
+                    problems.append(
+                        Problem(path, f"both {name} and {name}{FILE_SUFFIX} are set; keep one")
+                    )
+                    return ""
+                return _read_secret_file(name, from_file, path, problems)
             if name in env and (env[name] != "" or default is None):
                 return env[name]
             if default is not None:
@@ -133,6 +145,26 @@ def _expand_env(value: Any, env: Mapping[str, str], path: str, problems: list[Pr
         return {k: _expand_env(v, env, _join(path, str(k)), problems) for k, v in value.items()}
     if isinstance(value, list):
         return [_expand_env(v, env, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    return value
+
+
+def _read_secret_file(name: str, file: str, path: str, problems: list[Problem]) -> str:
+    """The content of `file` for `${name}`, less its final line break; never logged."""
+    where = f"{name}{FILE_SUFFIX}={file}"
+    try:
+        with open(file, encoding="utf-8") as handle:
+            value = handle.read(MAX_SECRET_FILE_BYTES + 1)
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        problems.append(Problem(path, f"cannot read {where}: {reason}"))
+        return ""
+    if len(value) > MAX_SECRET_FILE_BYTES:
+        problems.append(Problem(path, f"{where} is larger than {MAX_SECRET_FILE_BYTES} bytes"))
+        return ""
+    # `echo secret > file` and editors add a line break that is not part of the secret.
+    value = value.removesuffix("\n").removesuffix("\r")
+    if not value:
+        problems.append(Problem(path, f"{where} is empty"))
     return value
 
 

@@ -1,7 +1,8 @@
 """RequestContext: what every stage learns about one request, in one place.
 
 Stages write into it; metrics and the access log only read it. One outcome per request:
-completed, rejected, upstream_error or client_gone.
+completed, rejected, upstream_error, client_gone, or shutdown (cut by SIGTERM after
+`shutdown_grace`).
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ class RequestContext:
     candidates: tuple[str, ...] = ()  # servers that may serve its model, best first
     failover_statuses: frozenset[int] = frozenset()  # upstream answers that try another server
     failovers: list[tuple[str, str]] = field(default_factory=list)  # (server, reason) skipped
+    # The relayed response's last byte was written: a cancellation after that (the client
+    # closing at once, SIGTERM) comes too late to change the outcome.
+    delivered: bool = False
 
     @property
     def user(self) -> str | None:

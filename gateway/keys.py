@@ -8,6 +8,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway.context import RequestContext
+from gateway.drain import Drain
 from gateway.health_state import UpstreamUp
 from gateway.limits import Limiter
 from gateway.metrics import GatewayMetrics
@@ -28,3 +29,4 @@ UPSTREAM_UP = web.AppKey("upstream_up", UpstreamUp)  # last /readyz result, for 
 SCHEDULER = web.AppKey("scheduler", FairScheduler)  # slots and fair queues; outlive reloads
 CLUSTER = web.AppKey("cluster", Cluster)  # every Ollama server: catalogue, health; outlives reloads
 UPSTREAM_POOLS = web.AppKey("upstream_pools", dict[str, UpstreamPool])  # one per server name
+DRAIN = web.AppKey("drain", Drain)  # requests in flight, for SIGTERM (set by `serve` only)

@@ -21,8 +21,9 @@ from aiohttp.typedefs import Handler
 
 from gateway.client_address import forwarded_proto, resolve_client
 from gateway.context import RequestContext
+from gateway.drain import SHUTDOWN_OUTCOME
 from gateway.errors import GatewayError
-from gateway.keys import CONTEXT, OBSERVERS, STATE
+from gateway.keys import CONTEXT, DRAIN, OBSERVERS, STATE
 
 log = logging.getLogger("gateway")
 
@@ -74,6 +75,9 @@ async def context_stage(request: web.Request, handler: Handler) -> web.StreamRes
 async def observe_stage(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Feeds metrics and the access log from the context once the request has ended."""
     ctx = request[CONTEXT]
+    drain = request.app.get(DRAIN)  # set by `serve`: SIGTERM waits for what it tracks
+    if drain is not None:
+        drain.enter(request, ctx)
     try:
         response = await handler(request)
         if not ctx.status:
@@ -83,9 +87,14 @@ async def observe_stage(request: web.Request, handler: Handler) -> web.StreamRes
             response.headers.add("Server-Timing", f"gateway;dur={elapsed_ms:.2f}")
         return response
     except asyncio.CancelledError:
-        ctx.outcome = "client_gone"  # aiohttp cancels the handler when the client leaves
+        # aiohttp cancels the handler when the client leaves, also when it leaves right after
+        # the last byte while later stages still settle up (limits): that one was completed.
+        if not ctx.delivered and ctx.outcome != SHUTDOWN_OUTCOME:  # else cut by SIGTERM
+            ctx.outcome = "client_gone"
         raise
     finally:
+        if drain is not None:
+            drain.leave(ctx)
         for observe in request.app[OBSERVERS]:
             try:
                 observe(ctx)

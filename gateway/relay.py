@@ -317,6 +317,7 @@ async def _stream_back(
         ctx.bytes_out += len(tail)
         await response.write(tail)
     await response.write_eof()
+    ctx.delivered = True
     return response
 
 

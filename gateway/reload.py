@@ -97,6 +97,14 @@ def _set(config: Any, key: str, value: Any) -> Any:
     return dataclasses.replace(config, **{head: _set(getattr(config, head), rest, value)})
 
 
+# The password in a URL's user info (`redis://:PASSWORD@host`), kept out of the log.
+_URL_PASSWORD = re.compile(r"(://[^/@:]*:)[^/@]*@")
+
+
+def _masked(value: object) -> object:
+    return _URL_PASSWORD.sub(r"\1***@", value) if isinstance(value, str) else value
+
+
 def pin_restart_only(new: GatewayConfig, running: GatewayConfig) -> tuple[GatewayConfig, list[str]]:
     """Keep the running value of settings a reload cannot change; say which ones changed.
 
@@ -115,7 +123,9 @@ def pin_restart_only(new: GatewayConfig, running: GatewayConfig) -> tuple[Gatewa
             new = _set(new, key, kept)
         else:
             continue
-        notes.append(f"{key} changed to {wanted!r}: restart to apply (still {kept!r})")
+        notes.append(
+            f"{key} changed to {_masked(wanted)!r}: restart to apply (still {_masked(kept)!r})"
+        )
     return new, notes
 
 

@@ -16,14 +16,19 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.config import GatewayConfig, TLSConfig
 from gateway.config_load import parse_host_port
+from gateway.drain import Drain
 from gateway.http_server import GatewayRunner
-from gateway.keys import STATE
+from gateway.keys import DRAIN, STATE
 from gateway.logging_setup import configure_logging
 from gateway.metrics_http import start_metrics_listener
 from gateway.reload import Overrides, Reloader, TLSRotation
 from gateway.scheduler.policy import slots_in_effect
 
 log = logging.getLogger("gateway")
+
+# After shutdown_grace, the requests cut then get this long to unwind (close their upstream
+# connection, log their line); the process exits within shutdown_grace + about twice this.
+UNWIND_SECONDS = 2.0
 
 __all__ = [
     "Overrides",
@@ -94,11 +99,14 @@ async def serve(
 ) -> int:
     """Serve until SIGTERM/SIGINT; `config` already carries the CLI overrides."""
     app = create_app(config)
+    drain = app[DRAIN] = Drain()
     runner = GatewayRunner(
         app,
         handler_cancellation=True,  # a client that leaves cancels its handler -> upstream closed
         access_log=None,  # ours is richer and never logs credentials
-        shutdown_timeout=config.shutdown_grace,  # how long in-flight streams may take to finish
+        # `Drain` has bounded the wait by shutdown_grace before aiohttp's cleanup runs; this
+        # only covers what it does not track (a request still being read).
+        shutdown_timeout=UNWIND_SECONDS,
     )
     await runner.setup()
     tls = TLSRotation(server_tls_context, config.tls) if config.tls is not None else None
@@ -161,13 +169,25 @@ async def serve(
         # Close the listening sockets first: new connections are refused from here on.
         for running_site in list(runner.sites):
             await running_site.stop()
+        # Idle keep-alive connections close now; busy ones once their response is sent.
+        if runner.server is not None:
+            runner.server.pre_shutdown()
+        grace = config.shutdown_grace  # restart-only: a reload keeps it
         log.info(
-            "shutting down: no longer accepting connections; in-flight requests have up to "
-            "%ss to finish",
-            config.shutdown_grace,
+            "shutting down: no longer accepting connections; %d request(s) in flight have up "
+            "to %ss (shutdown_grace) to finish",
+            len(drain),
+            grace,
         )
+        ended = await drain.finish(grace, UNWIND_SECONDS)
+        if ended:
+            log.warning(
+                "shutdown_grace of %ss is over: ending %d request(s) still running "
+                "(logged with outcome `shutdown`)",
+                grace,
+                ended,
+            )
     finally:
-        # Lets in-flight requests finish within shutdown_grace, then cancels what is left.
         if metrics_runner is not None:
             await metrics_runner.cleanup()
         await runner.cleanup()

@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
@@ -119,7 +120,7 @@ class FakeOllama(ManageRoutes, V1Routes):
 
     # ----------------------------------------------------------------- lifecycle
 
-    async def start(self, port: int = 0) -> FakeOllama:
+    async def start(self, port: int = 0, host: str = "127.0.0.1") -> FakeOllama:
         app = web.Application(client_max_size=1 << 40)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         app.on_response_prepare.append(self._add_cors_headers)
@@ -131,8 +132,8 @@ class FakeOllama(ManageRoutes, V1Routes):
             shutdown_timeout=1.0,
         )
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", port).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        await web.TCPSite(self._runner, host, port).start()
+        self.url = f"http://{host}:{self._runner.addresses[0][1]}"
         return self
 
     async def close(self) -> None:
@@ -556,6 +557,7 @@ async def fake_ollama(port: int = 0, **kw: Any) -> AsyncIterator[FakeOllama]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Fake Ollama server (tests/benchmarks)")
     ap.add_argument("--port", type=int, default=11434)
+    ap.add_argument("--host", default="127.0.0.1", help="listen address (0.0.0.0 in a container)")
     ap.add_argument("--chunks", type=int, default=5)
     ap.add_argument("--chunk-delay", type=float, default=0.0)
     ap.add_argument("--first-byte-delay", type=float, default=0.0)
@@ -602,10 +604,13 @@ def main(argv: list[str] | None = None) -> None:
             model_parallel=model_parallel,
             usage_from_plan=args.usage_from_plan,
         )
-        await fake.start(args.port)
+        await fake.start(args.port, args.host)
         print(f"listening on {fake.url}", flush=True)
+        stop = asyncio.Event()
+        # As a container's PID 1, SIGTERM (docker stop) is ignored unless handled.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         try:
-            await asyncio.Event().wait()
+            await stop.wait()
         finally:
             await fake.close()
 
