@@ -5,7 +5,7 @@
 ARG GATEWAY_IMAGE
 FROM ${GATEWAY_IMAGE}
 WORKDIR /opt/fake
-COPY __init__.py fake_ollama.py fake_ollama_http.py fake_ollama_manage.py fake_ollama_v1.py fake_ollama_wire.py ./tests/
+COPY __init__.py fake_ollama*.py ./tests/
 # `ollama list`, as the compose file's healthcheck runs it in the real image.
 COPY docker/ollama-shim.py /opt/fake/ollama
 USER root
