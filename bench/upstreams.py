@@ -426,7 +426,8 @@ class UpstreamsBench:
             order = ["one", "two"] if cycle % 2 == 0 else ["two", "one"]  # neither always first
             turn = cycle % len(loads)  # no load always measured first after a reload
             for config in order:
-                await self.reload(1 if config == "one" else 2, plan.cost_slots)
+                servers = 1 if config == "one" or self.args.same else 2
+                await self.reload(servers, plan.cost_slots)
                 await run(loads[-1], max(50, plan.cost_block // 2))  # settle after the reload
                 for lo in loads[turn:] + loads[:turn]:
                     await run(lo, max(20, plan.cost_block // 10))  # warm, not counted
@@ -570,13 +571,26 @@ class UpstreamsBench:
             f"(SIGHUP) between `upstream:` and `upstreams:`; `slots: {plan.cost_slots}` per "
             f"server for the cost (never reached), `slots: {plan.fo_slots}` for the failover",
         ]
-        return render(plan, notes, self.cost_loads(), cost, fo)
+        if self.args.same:
+            notes.append(
+                "**--same**: the 'two' blocks ran with `upstream:` as well (an A/A run): the "
+                "ratios show the harness' own noise, the CPU verdicts say nothing"
+            )
+        return render(plan, notes, self.cost_loads(), cost, fo, same=self.args.same)
 
 
 # ---------------------------------------------------------------- report
 
 
-def render(plan: Plan, notes: list[str], loads: list[CostLoad], cost: Cost, fo: Failover) -> str:
+def render(
+    plan: Plan,
+    notes: list[str],
+    loads: list[CostLoad],
+    cost: Cost,
+    fo: Failover,
+    *,
+    same: bool = False,
+) -> str:
     title = f"ollama-gateway upstreams bench ({plan.mode}, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC)"
     lines = [f"# {title}", ""] + [f"- {n}" for n in notes] + [""]
     lines += [
@@ -680,6 +694,8 @@ def render(plan: Plan, notes: list[str], loads: list[CostLoad], cost: Cost, fo: 
     lines += ["## Targets", "", "| target | measured | limit | result |", "|---|---:|---:|---|"]
     for name, m, lim, ok in rows:
         verdict = "n/a (not measured)" if ok is None else ("PASS" if ok else "FAIL")
+        if same and name.startswith("gateway CPU"):
+            verdict = "n/a (--same)"
         lines.append(f"| {name} | {m} | {lim} | {verdict} |")
     return "\n".join(lines) + "\n"
 
@@ -696,6 +712,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--phases",
         default="cost,failover",
         help="comma-separated subset of cost, failover (default: both)",
+    )
+    parser.add_argument(
+        "--same",
+        action="store_true",
+        help="A/A run: the cost phase's 'two' blocks use `upstream:` too (the harness' noise)",
     )
     parser.add_argument("--out", type=Path, help="also write the report to this file")
     parser.add_argument("--no-pin", action="store_true", help="no CPU pinning")
