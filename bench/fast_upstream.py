@@ -4,13 +4,17 @@ Raw asyncio Protocol on uvloop, HTTP/1.1 keep-alive, no framework: at the reques
 bench drives, an aiohttp-based fake would be the bottleneck and hide the proxy's cost.
 
 Routes:
-- `GET /api/tags`, `GET /api/version`: fixed JSON with Content-Length.
+- `GET /api/tags`, `GET /api/ps`, `GET /api/version`: fixed JSON with Content-Length, in
+  Ollama's shapes (three installed models, `llama3.2:latest` loaded), so that a gateway with
+  several upstreams learns its catalogue from it.
 - `POST /api/chat`: NDJSON in Ollama's record shape, chunked transfer encoding, one HTTP chunk
   per record, each record carrying `"sent_ns"`: CLOCK_MONOTONIC (system-wide, so comparable
   across processes) read just before the write. Per request overrides via headers:
   `X-Bench-Chunks: N`, `X-Bench-Delay-Ms: F` (between records), `X-Bench-Hold: SECONDS`
   (send the first record, then nothing for SECONDS or until the client leaves).
   `options.num_predict` in the body, when below the chunk count, cuts the stream there.
+  `"stream": false` in the body: one JSON answer (Content-Length) in Ollama's non-streamed
+  shape, sent when the last record would have been (after (N - 1) x delay).
 - `GET /bench/slots`: with `--parallel`, the slot state per model as JSON
   (`running`, `waiting`, `max_running`, `max_waiting`, `grants`); the two maxima restart
   from the current values after each read (so a bench can read them per phase).
@@ -65,6 +69,30 @@ TAGS_BODY = json.dumps(
                 ("qwen2.5:7b", 4683087332, "b", "qwen2", "7.6B"),
                 ("all-minilm:latest", 45960996, "c", "bert", "23M"),
             )
+        ]
+    },
+    separators=(",", ":"),
+).encode()
+PS_BODY = json.dumps(
+    {
+        "models": [
+            {
+                "name": "llama3.2:latest",
+                "model": "llama3.2:latest",
+                "size": 3825819519,
+                "digest": "a" * 64,
+                "details": {
+                    "parent_model": "",
+                    "format": "gguf",
+                    "family": "llama",
+                    "families": ["llama"],
+                    "parameter_size": "3.2B",
+                    "quantization_level": "Q4_K_M",
+                },
+                "expires_at": "2099-01-01T00:00:00.000000000Z",
+                "size_vram": 3825819519,
+                "context_length": 4096,
+            }
         ]
     },
     separators=(",", ":"),
@@ -144,6 +172,28 @@ def final_record(model: bytes, count: int, sent_ns: int) -> bytes:
             b',"eval_duration":4535599000,"sent_ns":',
             str(sent_ns).encode(),
             b"}\n",
+        )
+    )
+
+
+def whole_answer(model: bytes, chunks: int, sent_ns: int) -> bytes:
+    """The non-streamed answer (`"stream": false`): one JSON object, the content in full."""
+    content = b"tok" * (chunks - 1)
+    return b"".join(
+        (
+            b'{"model":"',
+            model,
+            b'","created_at":"',
+            CLOCK.created_at,
+            b'","message":{"role":"assistant","content":"',
+            content,
+            b'"},"done_reason":"stop","done":true,"total_duration":4883583458,'
+            b'"load_duration":1334875,"prompt_eval_count":26,"prompt_eval_duration":342546000,'
+            b'"eval_count":',
+            str(chunks).encode(),
+            b',"eval_duration":4535599000,"sent_ns":',
+            str(sent_ns).encode(),
+            b"}",
         )
     )
 
@@ -244,7 +294,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.slot: bytes | None = None  # model key of the slot this connection holds
         self.queued: bytes | None = None  # model key of the slot this connection waits for
-        self.pending: tuple[bytes, int, float, float] | None = None  # the queued stream
+        self.pending: tuple[bytes, int, float, float, bool] | None = None  # the queued one
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
@@ -305,6 +355,8 @@ class UpstreamProtocol(asyncio.Protocol):
         assert self.transport is not None
         if path == b"/api/tags" and method in (b"GET", b"HEAD"):
             self.transport.write(_fixed(b"200 OK", b"application/json; charset=utf-8", TAGS_BODY))
+        elif path == b"/api/ps" and method == b"GET":
+            self.transport.write(_fixed(b"200 OK", b"application/json; charset=utf-8", PS_BODY))
         elif path == b"/api/version" and method == b"GET":
             self.transport.write(
                 _fixed(b"200 OK", b"application/json; charset=utf-8", VERSION_BODY)
@@ -321,10 +373,12 @@ class UpstreamProtocol(asyncio.Protocol):
     def _start_chat(self, headers: dict[bytes, bytes], body: bytes) -> None:
         assert self.transport is not None
         limit = 0
+        stream = True
         try:
             req = json.loads(body)
             model = str(req.get("model") or "llama3.2").encode()
             limit = int((req.get("options") or {}).get("num_predict") or 0)
+            stream = req.get("stream") is not False
         except (ValueError, AttributeError, TypeError):
             model = b"llama3.2"
         chunks = int(headers.get(b"x-bench-chunks", b"0")) or self.settings.chunks
@@ -338,10 +392,10 @@ class UpstreamProtocol(asyncio.Protocol):
         if slots is not None:
             key = model_key(model)
             if not slots.acquire(self, key):
-                self.queued, self.pending = key, (model, chunks, delay, hold)
+                self.queued, self.pending = key, (model, chunks, delay, hold, stream)
                 return
             self.slot = key
-        self._begin(model, chunks, delay, hold)
+        self._begin(model, chunks, delay, hold, stream)
 
     def begin_granted(self) -> None:
         """The queued stream got its slot (called by `Slots.release`)."""
@@ -350,8 +404,16 @@ class UpstreamProtocol(asyncio.Protocol):
         pending, self.pending = self.pending, None
         self._begin(*pending)
 
-    def _begin(self, model: bytes, chunks: int, delay: float, hold: float) -> None:
+    def _begin(self, model: bytes, chunks: int, delay: float, hold: float, stream: bool) -> None:
         assert self.transport is not None
+        if not stream:
+            wait = hold + (chunks - 1) * delay
+            if wait > 0:
+                loop = asyncio.get_running_loop()
+                self.timer = loop.call_later(wait, self._send_whole, model, chunks)
+            else:
+                self._send_whole(model, chunks)
+            return
         CLOCK.tick()
         self.transport.write(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nDate: "
@@ -360,6 +422,14 @@ class UpstreamProtocol(asyncio.Protocol):
         )
         stream = _ChatStream(self, model, chunks, delay, asyncio.get_running_loop().time(), hold)
         stream.send(0)
+
+    def _send_whole(self, model: bytes, chunks: int) -> None:
+        if self.transport is None:
+            return
+        CLOCK.tick()
+        answer = whole_answer(model, chunks, time.monotonic_ns())
+        self.transport.write(_fixed(b"200 OK", b"application/json; charset=utf-8", answer))
+        self.stream_done()
 
     def stream_done(self) -> None:
         self.busy = False

@@ -191,9 +191,16 @@ def _wait_ready(
 
 
 def start_upstream(
-    workdir: Path, cpus: set[int] | None, *, chunks: int, delay_ms: float, parallel: int = 0
+    workdir: Path,
+    cpus: set[int] | None,
+    *,
+    chunks: int,
+    delay_ms: float,
+    parallel: int = 0,
+    name: str = "upstream",
 ) -> Service:
-    """The fast upstream; `parallel` > 0 gives it Ollama's per-model slots (FIFO queue)."""
+    """The fast upstream; `parallel` > 0 gives it Ollama's per-model slots (FIFO queue).
+    `name` (its log file) tells several upstreams apart."""
     port = free_port()
     argv = [
         sys.executable,
@@ -207,9 +214,9 @@ def start_upstream(
     ]
     if parallel:
         argv += ["--parallel", str(parallel)]
-    popen, log = _spawn("upstream", argv, workdir, cpus)
-    _wait_ready("fast upstream", popen, log, port, "listening on")
-    return Service("upstream", popen, port, log)
+    popen, log = _spawn(name, argv, workdir, cpus)
+    _wait_ready(f"fast {name}", popen, log, port, "listening on")
+    return Service(name, popen, port, log)
 
 
 # ---------------------------------------------------------------- gateway

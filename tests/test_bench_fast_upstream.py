@@ -106,3 +106,49 @@ async def test_models_have_their_own_slots_and_num_predict_cuts(upstream: int) -
     assert results == [2, 4]
     state = await slots(upstream)
     assert state["llama3.2:latest"]["max_waiting"] == 0 and state["qwen2.5:7b"]["grants"] == 1
+
+
+async def get_json(port: int, path: str) -> object:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK"), head
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        return json.loads(await reader.readexactly(length))
+    finally:
+        writer.close()
+
+
+async def test_catalogue_routes_in_ollamas_shapes(upstream: int) -> None:
+    """What a gateway with several upstreams learns: installed, loaded, version."""
+    tags, ps, version = [
+        await get_json(upstream, p) for p in ("/api/tags", "/api/ps", "/api/version")
+    ]
+    assert isinstance(tags, dict) and isinstance(ps, dict) and isinstance(version, dict)
+    assert "llama3.2:latest" in [m["name"] for m in tags["models"]]
+    (loaded,) = ps["models"]
+    assert loaded["name"] == loaded["model"] == "llama3.2:latest"
+    assert {"size", "digest", "details", "expires_at", "size_vram"} <= set(loaded)
+    assert version == {"version": "0.12.6"}
+
+
+async def test_non_streamed_chat_is_one_json_answer_after_the_generation(upstream: int) -> None:
+    data = json.dumps({"model": "llama3.2", "messages": [], "stream": False}).encode()
+    request = f"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", upstream)
+    try:
+        started = asyncio.get_running_loop().time()
+        writer.write(request.encode() + data)
+        head = await reader.readuntil(b"\r\n\r\n")
+        elapsed = asyncio.get_running_loop().time() - started
+        assert head.startswith(b"HTTP/1.1 200 OK") and b"chunked" not in head.lower()
+        assert elapsed >= 0.05  # 4 records 20 ms apart: sent when the last one would be
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        answer = json.loads(await reader.readexactly(length))
+        assert answer["done"] is True and answer["eval_count"] == 4
+        assert answer["message"] == {"role": "assistant", "content": "tok" * 3}
+        writer.write(chat("llama3.2", "again", num_predict=2))  # keep-alive: next request
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 OK")
+    finally:
+        writer.close()

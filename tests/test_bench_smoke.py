@@ -133,3 +133,54 @@ async def test_bench_fairness_smoke(tmp_path: Path) -> None:
     assert newcomer["gateway"][10] == "0"  # never more than `slots` sent upstream
     assert newcomer["direct"][10] != "0"  # ... while straight to it, A's backlog queues there
     assert re.fullmatch(r"[\d,.]+", newcomer["gateway"][6]), newcomer  # Server-Timing queue
+
+
+# ---------------------------------------------------------------- upstreams (issue 12)
+
+
+async def test_bench_upstreams_smoke(tmp_path: Path) -> None:
+    """bench/upstreams.py --smoke: the routing-cost table filled with numbers for every load,
+    and the failover run, with one upstream SIGKILLed mid-run, lost no request (deterministic:
+    a request that had not started streaming is failed over). The CPU target is not asserted."""
+    out = tmp_path / "upstreams.md"
+    argv = [sys.executable, str(REPO / "bench" / "upstreams.py"), "--smoke", "--silent"]
+    argv += ["--out", str(out)]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    try:
+        output, _ = await asyncio.wait_for(proc.communicate(), SMOKE_TIME_LIMIT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode == 0, output.decode()[-3000:]
+    report = out.read_text()
+    assert report in output.decode()
+
+    cost = _rows(report, "Routing cost")
+    assert len(cost) == 4, cost
+    for row in cost:
+        one, two = (int(n.replace(",", "")) for n in row[1].split(" / "))
+        assert one == two == 60 and row[2] == "0", row  # 2 blocks of 30 each, no error
+        assert all(float(row[i].replace(",", "")) > 0 for i in (3, 4, 6, 7)), row
+        assert re.match(r"[\d.]+ \(", row[5]), row
+
+    failover = _rows(report, "Failover")
+    assert [r[0] for r in failover] == ["streamed", "non-streamed"], failover
+    for row in failover:
+        sent, completed, lost = (int(row[i]) for i in (1, 2, 3))
+        assert sent > 10 and completed > 0, row
+        assert lost == 0, report  # the target, asserted: no request lost to the dead server
+        assert row[5] == "0", report  # nothing replayed: every completed stream is whole
+        after_ok, after_all = (int(n) for n in row[7].split(" / "))
+        assert after_all > 0 and after_ok == after_all, row  # the survivor took the rest
+    # Non-streamed answers in flight at the kill had sent nothing yet: never cut.
+    assert failover[1][4] == "0 (0)", failover
+    per_server = report.split("Requests per server", 1)[1].split("\n", 1)[0]
+    assert "fast-a: " in per_server and "fast-b: " in per_server  # both served requests
+
+    verdicts = _rows(report, "Targets")
+    assert len(verdicts) == 6 and all(r[3] in ("PASS", "FAIL") for r in verdicts), verdicts
+    assert verdicts[-2][1:] == ["0", "0", "PASS"], verdicts  # requests lost
+    assert verdicts[-1][1:] == ["0", "0", "PASS"], verdicts  # answers replayed
