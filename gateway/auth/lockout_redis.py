@@ -22,21 +22,18 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gateway.auth.lockout_store import PENDING_LEASE, Checked, Rules, Settled, Verdict
+from gateway.limits.redis_scripts import CLOCK
 
 SOCKET_TIMEOUT: Final = 1.0  # a login waits on Redis: fail fast to the local fallback
 STORE_ERRORS: Final = (RedisError, OSError, TimeoutError)
 
-_PRELUDE = """
-local function fmt(x) return string.format('%.17g', x) end
-local function clock(arg)
-  local now = tonumber(arg)
-  if now then return now end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
+_PRELUDE = (
+    CLOCK
+    + """
 local now = clock(ARGV[1])
 local has_user = ARGV[2] == '1'
 """
+)
 
 # KEYS: address hash, address pending, user hash, user pending.
 # ARGV: now, has_user, reserve, attempt, max_failures, ceiling, window, lease

@@ -13,7 +13,9 @@ Keys (one principal; the {hash tag} keeps both in one cluster slot):
 
 from __future__ import annotations
 
-PRELUDE = """
+# Shared by every Lua script of the project: number formatting and one clock (Redis TIME
+# unless a test passes its own `now`), so replicas never compare their own clocks.
+CLOCK = """
 local function fmt(x) return string.format('%.17g', x) end
 local function clock(arg)
   local now = tonumber(arg)
@@ -21,6 +23,11 @@ local function clock(arg)
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
+"""
+
+PRELUDE = (
+    CLOCK
+    + """
 local function keep_state(key, now, r, m, d)
   local horizon = math.max(r, m, d) - now
   if horizon > 0 then
@@ -30,6 +37,7 @@ local function keep_state(key, now, r, m, d)
   end
 end
 """
+)
 
 # ARGV: now, rpm interval, rpm tolerance, epsilon, concurrency, lease, lease ttl,
 #       tokens/minute limit, minute, tokens/day limit, day   ('' = limit not set)

@@ -17,24 +17,15 @@ from aiohttp.typedefs import Handler
 from gateway.context import RequestContext
 from gateway.errors import GatewayError, ServiceUnavailable, TooManyRequests
 from gateway.keys import CONTEXT, SCHEDULER
+from gateway.policy.routes import INFERENCE_PATHS
 from gateway.scheduler.core import QueueRejected, Ticket
 from gateway.scheduler.estimate import estimate_tokens
 from gateway.scheduler.policy import DEFAULT_UPSTREAM
 
-# Routes that run a model on the GPU (contract: "Fair queue"). Everything else passes.
-SCHEDULED_PATHS = frozenset(
-    {
-        "/api/generate",
-        "/api/chat",
-        "/api/embed",
-        "/api/embeddings",
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-        "/v1/responses",
-        "/v1/messages",
-    }
-)
+# Routes that run a model on the GPU (contract: "Fair queue"): the inference routes of the
+# route table, but transcriptions (whisper models are not scheduled by Ollama's slots here).
+# Everything else passes without waiting.
+SCHEDULED_PATHS = frozenset(INFERENCE_PATHS) - {"/v1/audio/transcriptions"}
 ANONYMOUS_PREFIX = "\0address:"  # no principal: queued per client address (never a user name)
 
 
