@@ -303,3 +303,19 @@ async def test_a_refund_never_puts_the_releasing_user_ahead_of_a_newcomer() -> N
     await rec.finish("a0", tokens=99)  # Ollama counted one token less than estimated
     assert rec.order == ["a0", "b0"]
     assert scheduler.counter("alice") == pytest.approx(99)
+
+
+async def test_a_users_own_weight_and_priority_override_its_roles() -> None:
+    hashed = "$2b$04$" + "a" * 53
+    doc = {
+        "roles": {"user": {"models": ["*"], "weight": 1}, "admin": {"models": ["*"]}},
+        "auth": {
+            "users": {
+                "alice": {"password": hashed, "roles": ["user"], "weight": 5, "priority": 2},
+                "bob": {"password": hashed, "roles": ["user"]},
+            }
+        },
+    }
+    scheduling = GatewaySchedulingPolicy.from_config(parse_config(yaml.safe_dump(doc)))
+    assert scheduling.share_of("alice", frozenset({"user"})) == (5, 2)
+    assert scheduling.share_of("bob", frozenset({"user"})) == (1, 0)

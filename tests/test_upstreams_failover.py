@@ -233,3 +233,52 @@ async def test_a_server_killed_under_load_loses_no_request_that_had_not_started(
     assert all(records > 0 for _, records in cut), "cut only after bytes reached the client"
     assert outcomes.count("completed") >= 8
     assert not gw.app[CLUSTER].servers["gpu1"].up
+
+
+async def test_a_burst_does_not_cold_load_the_model_on_every_box(
+    gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    a = await FakeOllama().start()
+    b = await FakeOllama().start()
+    try:
+        a.loaded = b.loaded = set()  # cold everywhere
+        gw = await start(gateway_factory, config(a, b), SLOW_POLL)
+        a.hang_after_chunks = b.hang_after_chunks = 1
+        first = asyncio.ensure_future(generate(http, gw, "r0"))
+        await until(lambda: len(a.requests_to("/api/generate")) == 1)
+        second = asyncio.ensure_future(generate(http, gw, "r1"))
+        # gpu1 is loading it and has a free slot: the second goes there too, not to cold gpu2.
+        await until(lambda: len(a.requests_to("/api/generate")) == 2)
+        assert not b.requests_to("/api/generate")
+        a.resume()
+        assert [s for s, _ in await asyncio.gather(first, second)] == [200, 200]
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_user_keeps_to_the_server_it_used_last(
+    gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    a = await FakeOllama().start()
+    b = await FakeOllama().start()
+    try:
+        doc = config(a, b)
+        for item in doc["upstreams"]:
+            item["slots"] = 1
+        gw = await start(gateway_factory, doc, SLOW_POLL)  # both have it loaded
+        a.hang_after_chunks = 1
+        held = asyncio.ensure_future(generate(http, gw, "bob-0", user="llamas"))
+        await until(lambda: len(a.requests_to("/api/generate")) == 1)
+        a.hang_after_chunks = None
+        assert (await generate(http, gw, "alice-0"))[0] == 200  # gpu1 busy: gpu2
+        assert len(b.requests_to("/api/generate")) == 1
+        a.resume()
+        await held
+        for i in range(3):  # both free and loaded now: alice stays on gpu2 (its prompt cache)
+            assert (await generate(http, gw, f"alice-{i + 1}"))[0] == 200
+        assert len(b.requests_to("/api/generate")) == 4
+        assert len(a.requests_to("/api/generate")) == 1
+    finally:
+        await a.close()
+        await b.close()
