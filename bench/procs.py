@@ -296,8 +296,6 @@ def start_gateway(
         str(config),
         "--listen",
         f"127.0.0.1:{port}",
-        "--upstream",
-        f"http://127.0.0.1:{upstream_port}",
     ]
     popen, log = _spawn(name, argv, workdir, cpus, env)
     _wait_ready(name, popen, log, port, "listening on")
