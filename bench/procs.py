@@ -8,6 +8,7 @@ while the others idle, so each gets a whole core and the load generator never st
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import grp
 import os
@@ -18,10 +19,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import yaml
 
@@ -390,3 +391,40 @@ def find_binary(name: str) -> str | None:
     return shutil.which(name) or next(
         (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)), None
     )
+
+
+T = TypeVar("T", covariant=True)
+
+
+class Runnable(Protocol[T]):
+    """A benchmark: starts its processes, runs its measurements, stops its processes."""
+
+    def start(self) -> None: ...
+    def run(self) -> Coroutine[Any, Any, T]: ...
+    def stop(self) -> None: ...
+
+
+def run_bench(bench: Runnable[T], workdir: Path, *, keep_workdir: bool) -> T:
+    """Start `bench`, run it on uvloop when installed (the gateway's own loop), always stop
+    its processes, and remove `workdir` unless asked to keep it."""
+    try:
+        bench.start()
+        try:
+            import uvloop
+        except ImportError:
+            return asyncio.run(bench.run())
+        return uvloop.run(bench.run())
+    finally:
+        bench.stop()
+        if keep_workdir:
+            print(f"workdir kept: {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def emit(text: str, out: Path | None) -> None:
+    """Print a report, and write it to `out` when given."""
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)

@@ -28,7 +28,7 @@ import bcrypt  # noqa: E402
 from passlib.hash import apr_md5_crypt  # type: ignore[import-untyped]  # noqa: E402
 
 from bench import load, procs, report  # noqa: E402
-from bench.procs import Service  # noqa: E402
+from bench.procs import Service, emit, run_bench  # noqa: E402
 
 BCRYPT_ROUNDS = 12  # the default of passlib and htpasswd -B: what users have
 IDLE_HOLD_SECONDS = 120.0  # upstream silence per idle stream; the clients leave long before
@@ -343,22 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = Plan(**{**plan.__dict__, "idle_streams": args.idle_streams})
     workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     bench = Bench(args, plan, workdir)
-    try:
-        bench.start()
-        try:
-            import uvloop
-        except ImportError:
-            results = asyncio.run(bench.run())
-        else:
-            results = uvloop.run(bench.run())
-    finally:
-        bench.stop()
-        if args.keep_workdir:
-            print(f"workdir kept: {workdir}", file=sys.stderr)
-        else:
-            for path in sorted(workdir.rglob("*"), reverse=True):
-                path.rmdir() if path.is_dir() else path.unlink()
-            workdir.rmdir()
+    results = run_bench(bench, workdir, keep_workdir=args.keep_workdir)
     text = report.render(
         results,
         idle_n=plan.idle_streams,
@@ -368,10 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             else f"python client, up to {plan.python_requests} requests per cell"
         ),
     )
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit(text, args.out)
     return 0
 
 

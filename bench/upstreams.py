@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import load, procs  # noqa: E402
 from bench.fairness import _f, _failures, _read_from  # noqa: E402
-from bench.procs import Service  # noqa: E402
+from bench.procs import Service, emit, run_bench  # noqa: E402
 
 HOST = "127.0.0.1"
 MODEL = "llama3.2"
@@ -733,27 +733,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = PLANS["smoke" if args.smoke else "quick" if args.quick else "full"]
     workdir = Path(tempfile.mkdtemp(prefix="gateway-upstreams-"))
-    bench = UpstreamsBench(args, plan, workdir)
-    try:
-        bench.start()
-        try:
-            import uvloop
-        except ImportError:
-            text = asyncio.run(bench.run())
-        else:
-            text = uvloop.run(bench.run())
-    finally:
-        bench.stop()
-        if args.keep_workdir:
-            print(f"workdir kept: {workdir}", file=sys.stderr)
-        else:
-            for path in sorted(workdir.rglob("*"), reverse=True):
-                path.rmdir() if path.is_dir() else path.unlink()
-            workdir.rmdir()
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    text = run_bench(UpstreamsBench(args, plan, workdir), workdir, keep_workdir=args.keep_workdir)
+    emit(text, args.out)
     return 0
 
 

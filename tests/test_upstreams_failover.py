@@ -18,10 +18,21 @@ from gateway.keys import CLUSTER, METRICS, SCHEDULER
 from gateway.upstreams.registry import Timings
 from tests.conftest import REPO, GatewayFactory, RunningGateway, free_port, until
 from tests.fake_ollama import FakeOllama
-from tests.test_upstreams import auth, config
+from tests.test_upstreams import Pair, auth, config
 
 SLOW_POLL = Timings(tags_every=300.0, ps_every=300.0, probe_every=0.1)  # failures found by use
 MODEL = "llama3.2:latest"
+
+
+@pytest.fixture
+async def two() -> AsyncIterator[Pair]:
+    """Two fake Ollamas with the same (default) models."""
+    a, b = await FakeOllama().start(), await FakeOllama().start()
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
 
 
 async def start(factory: GatewayFactory, doc: dict[str, Any], timings: Timings) -> RunningGateway:
@@ -66,27 +77,23 @@ async def test_both_servers_are_used_and_neither_is_overfilled(
 
 
 async def test_a_refused_connection_fails_over_and_marks_the_server_down(
-    gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+    gateway_factory: GatewayFactory, http: aiohttp.ClientSession, two: Pair
 ) -> None:
-    a = await FakeOllama().start()
-    b = await FakeOllama().start()
-    try:
-        a.loaded, b.loaded = {MODEL}, set()  # gpu1 is preferred ...
-        gw = await start(gateway_factory, config(a, b), SLOW_POLL)
-        await a.close()  # ... and dies before the gateway notices
-        status, body = await generate(http, gw, "x")
-        assert status == 200 and b"done" in body
-        assert len(b.requests_to("/api/generate")) == 1
-        assert not gw.app[CLUSTER].servers["gpu1"].up
-        metrics = (await scrape(gw)).splitlines()
-        assert any(
-            line.startswith("ollama_gateway_upstream_failovers_total")
-            and 'upstream="gpu1"' in line
-            and line.endswith(" 1.0")
-            for line in metrics
-        )
-    finally:
-        await b.close()
+    a, b = two
+    a.loaded, b.loaded = {MODEL}, set()  # gpu1 is preferred ...
+    gw = await start(gateway_factory, config(a, b), SLOW_POLL)
+    await a.close()  # ... and dies before the gateway notices
+    status, body = await generate(http, gw, "x")
+    assert status == 200 and b"done" in body
+    assert len(b.requests_to("/api/generate")) == 1
+    assert not gw.app[CLUSTER].servers["gpu1"].up
+    metrics = (await scrape(gw)).splitlines()
+    assert any(
+        line.startswith("ollama_gateway_upstream_failovers_total")
+        and 'upstream="gpu1"' in line
+        and line.endswith(" 1.0")
+        for line in metrics
+    )
 
 
 async def scrape(gw: RunningGateway) -> str:
@@ -96,60 +103,46 @@ async def scrape(gw: RunningGateway) -> str:
 
 
 async def test_an_instant_503_cools_the_server_down_and_another_answers(
-    gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+    gateway_factory: GatewayFactory, http: aiohttp.ClientSession, two: Pair
 ) -> None:
-    a = await FakeOllama().start()
-    b = await FakeOllama().start()
-    try:
-        a.loaded, b.loaded = {MODEL}, set()
-        gw = await start(gateway_factory, config(a, b), SLOW_POLL)
-        busy = {"error": "server busy, please try again.  maximum pending requests exceeded"}
-        a.status_override["/api/generate"] = (503, busy)
-        for i in range(3):
-            status, _ = await generate(http, gw, f"x{i}")
-            assert status == 200
-        assert len(a.requests_to("/api/generate")) == 1, "cooling down: not asked again"
-        assert len(b.requests_to("/api/generate")) == 3
-        assert gw.app[CLUSTER].servers["gpu1"].up, "busy is not down"
-    finally:
-        await a.close()
-        await b.close()
+    a, b = two
+    a.loaded, b.loaded = {MODEL}, set()
+    gw = await start(gateway_factory, config(a, b), SLOW_POLL)
+    busy = {"error": "server busy, please try again.  maximum pending requests exceeded"}
+    a.status_override["/api/generate"] = (503, busy)
+    for i in range(3):
+        status, _ = await generate(http, gw, f"x{i}")
+        assert status == 200
+    assert len(a.requests_to("/api/generate")) == 1, "cooling down: not asked again"
+    assert len(b.requests_to("/api/generate")) == 3
+    assert gw.app[CLUSTER].servers["gpu1"].up, "busy is not down"
 
 
 async def test_a_model_gone_from_one_server_is_served_by_another(
-    gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+    gateway_factory: GatewayFactory, http: aiohttp.ClientSession, two: Pair
 ) -> None:
-    a = await FakeOllama().start()
-    b = await FakeOllama().start()
-    try:
-        a.loaded, b.loaded = {MODEL}, set()
-        gw = await start(gateway_factory, config(a, b), SLOW_POLL)
-        del a._models[MODEL]  # `ollama rm` on the box: the catalogue is stale
-        status, _ = await generate(http, gw, "x")
-        assert status == 200 and len(b.requests_to("/api/generate")) == 1
-        await until(lambda: MODEL not in gw.app[CLUSTER].servers["gpu1"].installed)
-    finally:
-        await a.close()
-        await b.close()
+    a, b = two
+    a.loaded, b.loaded = {MODEL}, set()
+    gw = await start(gateway_factory, config(a, b), SLOW_POLL)
+    del a._models[MODEL]  # `ollama rm` on the box: the catalogue is stale
+    status, _ = await generate(http, gw, "x")
+    assert status == 200 and len(b.requests_to("/api/generate")) == 1
+    await until(lambda: MODEL not in gw.app[CLUSTER].servers["gpu1"].installed)
 
 
 async def test_management_never_fails_over(
-    gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+    gateway_factory: GatewayFactory, http: aiohttp.ClientSession, two: Pair
 ) -> None:
-    a = await FakeOllama().start()
-    b = await FakeOllama().start()
-    try:
-        gw = await start(gateway_factory, config(a, b), SLOW_POLL)
-        await a.close()
-        async with http.post(
-            gw.url + "/upstreams/gpu1/api/pull",
-            json={"model": "mistral", "stream": False},
-            headers=auth("root"),
-        ) as response:
-            assert response.status == 502
-        assert not b.requests_to("/api/pull")
-    finally:
-        await b.close()
+    a, b = two
+    gw = await start(gateway_factory, config(a, b), SLOW_POLL)
+    await a.close()
+    async with http.post(
+        gw.url + "/upstreams/gpu1/api/pull",
+        json={"model": "mistral", "stream": False},
+        headers=auth("root"),
+    ) as response:
+        assert response.status == 502
+    assert not b.requests_to("/api/pull")
 
 
 class FakeProcess:
@@ -236,49 +229,39 @@ async def test_a_server_killed_under_load_loses_no_request_that_had_not_started(
 
 
 async def test_a_burst_does_not_cold_load_the_model_on_every_box(
-    gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+    gateway_factory: GatewayFactory, http: aiohttp.ClientSession, two: Pair
 ) -> None:
-    a = await FakeOllama().start()
-    b = await FakeOllama().start()
-    try:
-        a.loaded = b.loaded = set()  # cold everywhere
-        gw = await start(gateway_factory, config(a, b), SLOW_POLL)
-        a.hang_after_chunks = b.hang_after_chunks = 1
-        first = asyncio.ensure_future(generate(http, gw, "r0"))
-        await until(lambda: len(a.requests_to("/api/generate")) == 1)
-        second = asyncio.ensure_future(generate(http, gw, "r1"))
-        # gpu1 is loading it and has a free slot: the second goes there too, not to cold gpu2.
-        await until(lambda: len(a.requests_to("/api/generate")) == 2)
-        assert not b.requests_to("/api/generate")
-        a.resume()
-        assert [s for s, _ in await asyncio.gather(first, second)] == [200, 200]
-    finally:
-        await a.close()
-        await b.close()
+    a, b = two
+    a.loaded = b.loaded = set()  # cold everywhere
+    gw = await start(gateway_factory, config(a, b), SLOW_POLL)
+    a.hang_after_chunks = b.hang_after_chunks = 1
+    first = asyncio.ensure_future(generate(http, gw, "r0"))
+    await until(lambda: len(a.requests_to("/api/generate")) == 1)
+    second = asyncio.ensure_future(generate(http, gw, "r1"))
+    # gpu1 is loading it and has a free slot: the second goes there too, not to cold gpu2.
+    await until(lambda: len(a.requests_to("/api/generate")) == 2)
+    assert not b.requests_to("/api/generate")
+    a.resume()
+    assert [s for s, _ in await asyncio.gather(first, second)] == [200, 200]
 
 
 async def test_a_user_keeps_to_the_server_it_used_last(
-    gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+    gateway_factory: GatewayFactory, http: aiohttp.ClientSession, two: Pair
 ) -> None:
-    a = await FakeOllama().start()
-    b = await FakeOllama().start()
-    try:
-        doc = config(a, b)
-        for item in doc["upstreams"]:
-            item["slots"] = 1
-        gw = await start(gateway_factory, doc, SLOW_POLL)  # both have it loaded
-        a.hang_after_chunks = 1
-        held = asyncio.ensure_future(generate(http, gw, "bob-0", user="llamas"))
-        await until(lambda: len(a.requests_to("/api/generate")) == 1)
-        a.hang_after_chunks = None
-        assert (await generate(http, gw, "alice-0"))[0] == 200  # gpu1 busy: gpu2
-        assert len(b.requests_to("/api/generate")) == 1
-        a.resume()
-        await held
-        for i in range(3):  # both free and loaded now: alice stays on gpu2 (its prompt cache)
-            assert (await generate(http, gw, f"alice-{i + 1}"))[0] == 200
-        assert len(b.requests_to("/api/generate")) == 4
-        assert len(a.requests_to("/api/generate")) == 1
-    finally:
-        await a.close()
-        await b.close()
+    a, b = two
+    doc = config(a, b)
+    for item in doc["upstreams"]:
+        item["slots"] = 1
+    gw = await start(gateway_factory, doc, SLOW_POLL)  # both have it loaded
+    a.hang_after_chunks = 1
+    held = asyncio.ensure_future(generate(http, gw, "bob-0", user="llamas"))
+    await until(lambda: len(a.requests_to("/api/generate")) == 1)
+    a.hang_after_chunks = None
+    assert (await generate(http, gw, "alice-0"))[0] == 200  # gpu1 busy: gpu2
+    assert len(b.requests_to("/api/generate")) == 1
+    a.resume()
+    await held
+    for i in range(3):  # both free and loaded now: alice stays on gpu2 (its prompt cache)
+        assert (await generate(http, gw, f"alice-{i + 1}"))[0] == 200
+    assert len(b.requests_to("/api/generate")) == 4
+    assert len(a.requests_to("/api/generate")) == 1
