@@ -321,3 +321,28 @@ async def test_store_counters_take_the_floor_then_the_charge(redis_server: Redis
         assert shared_counter(redis_server, "alice") == 104.0
     finally:
         await store.close()
+
+
+async def test_a_refund_never_puts_the_releasing_user_ahead_with_a_shared_store(
+    redis_server: RedisServer,
+) -> None:
+    """The in-memory rule (test_scheduler_core) holds with slots in Redis too: an estimate one
+    token above Ollama's count must not let alice's next request pass bob, lifted to her level."""
+    from gateway.scheduler import FairScheduler
+    from tests.test_scheduler_core import policy, ticket
+
+    scheduler = FairScheduler(policy(), store=RedisSlots(redis_server.url))
+    try:
+        first = await scheduler.acquire(ticket("alice", tokens=100))
+        alice = asyncio.ensure_future(scheduler.acquire(ticket("alice", tokens=100)))
+        await until(lambda: scheduler.waiting_total == 1)
+        bob = asyncio.ensure_future(scheduler.acquire(ticket("bob", tokens=100)))
+        await until(lambda: scheduler.waiting_total == 2)
+        first.release(99)
+        done, _ = await asyncio.wait({alice, bob}, return_when=asyncio.FIRST_COMPLETED)
+        assert done == {bob}, "bob goes next"
+        (await bob).release(100)
+        (await alice).release(100)
+        await until(lambda: shared_counter(redis_server, "alice") == 199.0)
+    finally:
+        await scheduler.close()

@@ -136,6 +136,8 @@ class _Pool:
     service_seconds: float = DEFAULT_SERVICE_SECONDS  # moving average, for Retry-After
     pump: asyncio.Task[None] | None = None  # remote store only: takes leases for waiters
     wake: asyncio.Event | None = None  # remote store only: a local release, a new waiter
+    # Remote store only: refunds held until the pump has chosen the next waiter (see _release).
+    refunds: list[tuple[_User, str, float]] = field(default_factory=list)
 
 
 class Grant:
@@ -444,14 +446,26 @@ class FairScheduler:
             if delta < 0:
                 user.counter += delta
             return
-        if delta < 0:
-            user.counter += delta
+        # The same rule with a remote store: a refund waits for the pump's next choice.
+        refund = min(delta, 0.0)
+        if refund:
+            pool.refunds.append((user, ticket.user, refund))
+            if not pool.waiting:
+                self._apply_refunds(pool)
+        charge = max(delta, 0.0)
         if grant._holder is not None:  # the pump retakes once the lease is back
-            self._sync(user, self.store.give(pool.key, grant._holder, ticket.user, delta), pool)
+            self._sync(user, self.store.give(pool.key, grant._holder, ticket.user, charge), pool)
         else:  # a local slot (the store was down): nothing to give back
-            if delta:
-                self._sync(user, self.store.charge(ticket.user, delta, None))
+            if charge:
+                self._sync(user, self.store.charge(ticket.user, charge, None))
             self._kick(pool)
+
+    def _apply_refunds(self, pool: _Pool) -> None:
+        """Refunds held back while the pool's next waiter was chosen (remote store)."""
+        refunds, pool.refunds = pool.refunds, []
+        for user, name, refund in refunds:
+            user.counter += refund
+            self._sync(user, self.store.charge(name, refund, None))
 
     # --- a remote slot store ----------------------------------------------------------------
 
@@ -472,6 +486,7 @@ class FairScheduler:
         try:
             await self._take_for_waiters(pool, wake)
         finally:
+            self._apply_refunds(pool)
             self._sync(None, self.store.leave(pool.key))
 
     async def _take_for_waiters(self, pool: _Pool, wake: asyncio.Event) -> None:
@@ -515,6 +530,7 @@ class FairScheduler:
                 holder=holder,
             )
             waiter.future.set_result(grant)
+            self._apply_refunds(pool)
 
     @staticmethod
     async def _pause(wake: asyncio.Event, seconds: float) -> None:
