@@ -54,6 +54,7 @@ def access_fields(ctx: RequestContext, end: float, wall_end: float) -> dict[str,
         "method": ctx.method,
         "path": _cap(ctx.path),
         "route_class": ctx.route_class,
+        "route": ctx.route,  # the route-table entry matched (bounded), like the metrics label
         "model": _cap(usage.model if usage and usage.model else ctx.model),
         "status": ctx.status,
         "outcome": ctx.outcome,

@@ -29,6 +29,7 @@ FIELDS = {
     "method",
     "path",
     "route_class",
+    "route",
     "model",
     "status",
     "outcome",
@@ -81,6 +82,8 @@ async def test_one_line_per_request_with_the_agreed_fields(
     assert set(line) == FIELDS
     assert line["request_id"] == "trace-abc.1"
     assert line["method"] == "POST" and line["path"] == "/api/generate"
+    assert line["route"] == "/api/generate" and line["upstream"] == "default"
+    assert line["queue_ms"] is not None and line["queue_ms"] >= 0
     assert line["status"] == 200 and line["outcome"] == "completed"
     assert line["client"] == "127.0.0.1"
     assert line["model"] == "llama3.2"
