@@ -21,7 +21,7 @@ from tests.fake_ollama import FakeOllama
 
 PASSWORD = "correct horse battery staple"
 Pair = tuple[FakeOllama, FakeOllama]
-FAST = Timings(tags_every=30.0, ps_every=0.2, probe_every=0.1)
+FAST = Timings(tags_every=30.0, ps_every=0.2, probe_every=0.1, refresh_at_most_every=0.0)
 
 
 @pytest.fixture
@@ -432,3 +432,36 @@ async def test_the_upstream_override_is_refused_with_several_servers(
     await asyncio.to_thread(path.write_text, yaml.safe_dump(config(a, b)))
     code, _out, err = await run_cli("serve", "--config", str(path), "--upstream", a.url)
     assert code == 2 and "--upstream: cannot be used when the config lists `upstreams`" in err
+
+
+async def test_made_up_model_names_do_not_flood_the_servers_with_listings(
+    gateway_factory: GatewayFactory, pair: Pair, http: aiohttp.ClientSession
+) -> None:
+    a, b = pair
+    gw = await gateway_factory(config(a, b), upstream_timings=Timings(ps_every=300.0))
+    cluster = gw.app[CLUSTER]
+    await until(lambda: all(s.catalogue_at for s in cluster.servers.values()))
+    await asyncio.sleep(1.1)  # the catalogue is now older than refresh_at_most_every (1 s)
+    before = len(a.requests_to("/api/tags"))
+    statuses = await asyncio.gather(
+        *(
+            post(http, gw, "/api/generate", {"model": f"made-up-{i}", "prompt": "x"})
+            for i in range(20)
+        )
+    )
+    assert all(status == 404 for status, _ in statuses)
+    assert len(a.requests_to("/api/tags")) - before == 1, "one shared refresh, not twenty"
+    for i in range(5):  # right after it: no refresh at all
+        status, _ = await post(http, gw, "/api/generate", {"model": f"other-{i}", "prompt": "x"})
+        assert status == 404
+    assert len(a.requests_to("/api/tags")) - before == 1
+
+
+async def test_server_names_are_not_told_to_anonymous_callers(
+    gateway_factory: GatewayFactory, pair: Pair, http: aiohttp.ClientSession
+) -> None:
+    a, b = pair
+    gw = await start(gateway_factory, config(a, b))
+    async with http.get(gw.url + "/upstreams/nope/api/version") as response:
+        assert response.status == 404
+        assert "gpu1" not in (await response.json())["error"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -42,6 +43,9 @@ class Timings:
     tags_every: float = 30.0  # installed models change rarely (pulls via the gateway: at once)
     ps_every: float = 5.0  # loaded models change with every cold load and keep_alive expiry
     probe_every: float = 3.0  # a server marked down is probed this often
+    # An unknown model refreshes the catalogues before its 404, at most this often per
+    # server: made-up model names must not turn into a flood of listings upstream.
+    refresh_at_most_every: float = 1.0
 
 
 @dataclass(eq=False)
@@ -110,6 +114,7 @@ class Cluster:
         self._changed = asyncio.Event()
         self.on_state: list[Callable[[Server], None]] = []  # metrics: up/down gauges
         self.sticky = Sticky()
+        self._refreshing: dict[str, asyncio.Future[bool]] = {}
         self.reconfigure(config)
 
     def now(self) -> float:
@@ -190,6 +195,29 @@ class Cluster:
         """After a management call or a 'model not found': relearn its catalogue now."""
         server.catalogue_at = None
         self._changed.set()
+
+    async def refresh_for_unknown_model(self, session: aiohttp.ClientSession) -> None:
+        """Before answering "model not found": relearn the catalogues of the servers that are
+        up, unless learnt very recently; concurrent callers share one refresh per server."""
+        now = self._clock()
+        waits: list[asyncio.Future[bool]] = []
+        for server in self.servers.values():
+            if not server.up:
+                continue
+            running = self._refreshing.get(server.name)
+            if running is None:
+                learnt = server.catalogue_at
+                if learnt is not None and now - learnt < self.timings.refresh_at_most_every:
+                    continue
+                running = asyncio.ensure_future(self.refresh(session, server))
+                self._refreshing[server.name] = running
+                running.add_done_callback(functools.partial(self._refreshed, server.name))
+            waits.append(running)
+        if waits:
+            await asyncio.gather(*(asyncio.shield(w) for w in waits))
+
+    def _refreshed(self, name: str, _done: asyncio.Future[bool]) -> None:
+        self._refreshing.pop(name, None)
 
     async def refresh(self, session: aiohttp.ClientSession, server: Server) -> bool:
         """Learn `server`'s installed and loaded models now; False when it did not answer."""

@@ -13,7 +13,6 @@ With one server nothing changes: every request goes to it, listings pass through
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from aiohttp import web
@@ -56,7 +55,7 @@ async def upstream_stage(request: web.Request, handler: Handler) -> web.StreamRe
         return await handler(request)
     cluster = request.app[CLUSTER]
     name = ctx.pinned_upstream or request.headers.get(HEADER)
-    pinned = _named(cluster, name) if name is not None else None
+    pinned = _named(cluster, name, ctx) if name is not None else None
     if ctx.route_class in NAMED_CLASSES:
         server = pinned or _only(cluster)
         ctx.upstream = server.name
@@ -144,13 +143,12 @@ def _mark_likely_choice(
             return
 
 
-def _named(cluster: Cluster, name: str) -> Server:
+def _named(cluster: Cluster, name: str, ctx: RequestContext) -> Server:
     server = cluster.servers.get(name.strip().lower())
     if server is None:
-        raise NotFound(
-            f"unknown upstream {name[:64]!r} (known: {', '.join(cluster.names())})",
-            reason="upstream_name",
-        )
+        # The names are told to authenticated callers only (a public route may be pinned too).
+        known = f" (known: {', '.join(cluster.names())})" if ctx.principal is not None else ""
+        raise NotFound(f"unknown upstream {name[:64]!r}{known}", reason="upstream_name")
     return server
 
 
@@ -171,9 +169,7 @@ async def _servers_for(request: web.Request, ctx: RequestContext, cluster: Clust
     servers = cluster.candidates(ctx.model)
     if servers:
         return servers
-    session = request.app[HTTP_SESSION]
-    up = [s for s in cluster.servers.values() if s.up]
-    await asyncio.gather(*(cluster.refresh(session, s) for s in up))
+    await cluster.refresh_for_unknown_model(request.app[HTTP_SESSION])
     servers = cluster.candidates(ctx.model)
     if servers:
         return servers
