@@ -70,6 +70,12 @@ class RequestTimeout(GatewayError):
     linger = False
 
 
+class Conflict(GatewayError):
+    """Model management with several upstreams and none named (the body lists the names)."""
+
+    status = 409
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
 

@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway.context import RequestContext
-from gateway.errors import GatewayError, NotFound, ServiceUnavailable, UpstreamAnswered
+from gateway.errors import Conflict, GatewayError, NotFound, ServiceUnavailable, UpstreamAnswered
 from gateway.keys import CLUSTER, CONTEXT, HTTP_SESSION, SCHEDULER
 from gateway.policy.models import normalise_model
 from gateway.scheduler.stage import SCHEDULED_PATHS
@@ -42,10 +42,6 @@ NAMED_CLASSES = frozenset({"management", "cloud"})  # act on one server's store 
 CHANGES_CATALOGUE = frozenset({"/api/pull", "/api/create", "/api/copy", "/api/delete"})
 DOWN_RETRY_AFTER = "5"  # servers marked down are probed every few seconds
 JSON = "application/json; charset=utf-8"
-
-
-class Conflict(GatewayError):
-    status = 409
 
 
 @web.middleware
