@@ -17,27 +17,22 @@ free it waits, and when a slot frees the next request is chosen:
 
 The fast path (a free slot, nobody waiting) creates no future and no timer.
 
-With a remote `SlotStore` (Redis: several replicas share the slots) the queue stays local
-and fair, but a free slot by the local count is only a chance: the chosen waiter must also
-win a lease from the store. Each pool with waiters then has a pump task that takes leases
-(retrying every POLL_SECONDS while the store says full, or at once on a local release)
-and the users' counters mirror the store's, so a user is charged the same everywhere.
+With a remote `SlotStore` (Redis: several replicas share the slots), `remote.RemoteDispatch`
+wins the leases for the waiters this queue chooses.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
-import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gateway.limits import StoreUnavailable
+from gateway.scheduler.remote import RemoteDispatch
 from gateway.scheduler.slots import LocalSlots, SlotKey, SlotStore
 
 log = logging.getLogger("gateway.scheduler")
@@ -49,8 +44,6 @@ SERVICE_SMOOTHING = 0.2  # weight of the newest service time in the moving avera
 MAX_IDLE_USERS = 100_000  # counters kept for users with nothing waiting or running
 MIN_RETRY_AFTER = 1
 MAX_RETRY_AFTER = 3600
-POLL_SECONDS = (0.05, 0.1)  # a remote store said full: retry after a random pause in this range
-STORE_DOWN_RETRY_AFTER = 1
 
 
 class SchedulingPolicy(Protocol):
@@ -204,11 +197,10 @@ class FairScheduler:
         self.policy = policy
         self._clock = clock
         self.store: SlotStore = store if store is not None else LocalSlots()
-        self._remote = self.store.remote
         # A remote store that cannot answer: True hands out local slots, False refuses (503).
         self.fail_open = fail_open
-        self._dispatch = self._kick if self._remote else self._pump
-        self._background: set[asyncio.Task[None]] = set()
+        self._remote = RemoteDispatch(self) if self.store.remote else None
+        self._dispatch = self._remote.kick if self._remote is not None else self._pump
         self._pools: dict[SlotKey, _Pool] = {}
         self._users: dict[str, _User] = {}
         self._backlogged: set[str] = set()  # users with at least one request waiting
@@ -228,7 +220,9 @@ class FairScheduler:
         user = self._user(ticket)
         for pool in pools:  # in order of preference: the first free slot
             capacity = self.policy.slots_for(pool.key)
-            if capacity == 0 or (pool.waiting == 0 and pool.in_use < capacity and not self._remote):
+            if capacity == 0 or (
+                pool.waiting == 0 and pool.in_use < capacity and self._remote is None
+            ):
                 return self._grant(pool, user, ticket, waited=0.0)
         pool = pools[0]
         policy = self.policy
@@ -237,9 +231,9 @@ class FairScheduler:
         if self.waiting_total >= policy.max_queue:
             raise QueueRejected("queue_full", self._retry_after(pool, pool.waiting))
         waiter = self._enqueue(pools, user, ticket)
-        if self._remote:
+        if self._remote is not None:
             for each in pools:
-                self._kick(each)
+                self._remote.kick(each)
         try:
             return await waiter.future
         except asyncio.CancelledError:
@@ -258,12 +252,8 @@ class FairScheduler:
 
     async def close(self) -> None:
         """Stop the pumps and the store (leases still held expire on their own)."""
-        pumps = [pool.pump for pool in self._pools.values() if pool.pump is not None]
-        for pump in pumps:
-            pump.cancel()
-        await asyncio.gather(*pumps, return_exceptions=True)  # their `leave` is sent
-        if self._background:
-            await asyncio.wait(self._background, timeout=2.0)
+        if self._remote is not None:
+            await self._remote.close(list(self._pools.values()))
         await self.store.close()
 
     # --- what metrics and Retry-After read --------------------------------------------------
@@ -410,11 +400,8 @@ class FairScheduler:
         user.last_dispatch = self._dispatches
         self.virtual_time = max(self.virtual_time, user.counter)
         charged = ticket.estimate / user.weight
-        if self._remote:
-            # The lift to the waiting level travels with the charge, unless an earlier update
-            # is still on its way (it would be counted twice).
-            floor = user.counter if user.syncing == 0 else None
-            self._sync(user, self.store.charge(ticket.user, charged, floor))
+        if self._remote is not None:
+            self._remote.charge(user, ticket.user, charged)
         user.counter += charged
         return Grant(self, pool, user, ticket, charged, self._clock(), waited, holder)
 
@@ -438,7 +425,7 @@ class FairScheduler:
         if tokens != 0:
             served = self._clock() - grant.started
             pool.service_seconds += SERVICE_SMOOTHING * (served - pool.service_seconds)
-        if not self._remote:
+        if self._remote is None:
             # A refund lands after the next dispatch is chosen: an estimate a little above
             # the real count must not put the releasing user back ahead of a newcomer
             # lifted to its level (it would then wait one generation more).
@@ -446,148 +433,7 @@ class FairScheduler:
             if delta < 0:
                 user.counter += delta
             return
-        # The same rule with a remote store: a refund waits for the pump's next choice.
-        refund = min(delta, 0.0)
-        if refund:
-            pool.refunds.append((user, ticket.user, refund))
-            if not pool.waiting:
-                self._apply_refunds(pool)
-        charge = max(delta, 0.0)
-        if grant._holder is not None:  # the pump retakes once the lease is back
-            self._sync(user, self.store.give(pool.key, grant._holder, ticket.user, charge), pool)
-        else:  # a local slot (the store was down): nothing to give back
-            if charge:
-                self._sync(user, self.store.charge(ticket.user, charge, None))
-            self._kick(pool)
-
-    def _apply_refunds(self, pool: _Pool) -> None:
-        """Refunds held back while the pool's next waiter was chosen (remote store)."""
-        refunds, pool.refunds = pool.refunds, []
-        for user, name, refund in refunds:
-            user.counter += refund
-            self._sync(user, self.store.charge(name, refund, None))
-
-    # --- a remote slot store ----------------------------------------------------------------
-
-    def _kick(self, pool: _Pool) -> None:
-        """Wake the pool's pump, or start one if it has waiters and none runs."""
-        if pool.wake is None:
-            pool.wake = asyncio.Event()
-        pool.wake.set()
-        if pool.waiting and (pool.pump is None or pool.pump.done()):
-            pool.pump = asyncio.get_running_loop().create_task(self._remote_pump(pool))
-
-    async def _remote_pump(self, pool: _Pool) -> None:
-        """While `pool` has waiters: when the local count allows, win a lease from the store
-        and hand it to the fairest waiter; when the store says full, retry after a pause.
-        Without waiters, it leaves the store's line of replicas and ends."""
-        assert pool.wake is not None
-        wake = pool.wake
-        try:
-            await self._take_for_waiters(pool, wake)
-        finally:
-            self._apply_refunds(pool)
-            self._sync(None, self.store.leave(pool.key))
-
-    async def _take_for_waiters(self, pool: _Pool, wake: asyncio.Event) -> None:
-        while pool.waiting:
-            wake.clear()  # any release or arrival from now on wakes the pauses below
-            capacity = self.policy.slots_for(pool.key)
-            if capacity == 0:  # a reload turned the queue off
-                self._pump(pool)
-                continue
-            if pool.in_use >= capacity:
-                await wake.wait()  # only a local release can help
-                continue
-            try:
-                last = pool.waiting == 1  # then the replica leaves the line in the same call
-                taken = await self.store.take(pool.key, capacity, list(pool.queues), last)
-            except StoreUnavailable:
-                if not self.fail_open:
-                    self._refuse_all(pool)
-                    continue
-                holder = None  # fall back to a local slot
-            except Exception:
-                log.exception("slot store failed; refusing the waiters of %s", pool.key)
-                self._refuse_all(pool)
-                continue
-            else:
-                holder = taken.holder
-                self._mirror_waiting(taken.counters)
-                if holder is None:
-                    await self._pause(wake, random.uniform(*POLL_SECONDS))
-                    continue
-            waiter = self._next_waiter(pool)
-            if waiter is None:  # everyone left meanwhile
-                if holder is not None:
-                    self._sync(None, self.store.give(pool.key, holder, "", 0.0))
-                continue
-            grant = self._grant(
-                pool,
-                waiter.user,
-                waiter.ticket,
-                waited=self._clock() - waiter.enqueued,
-                holder=holder,
-            )
-            waiter.future.set_result(grant)
-            self._apply_refunds(pool)
-
-    @staticmethod
-    async def _pause(wake: asyncio.Event, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), seconds)
-
-    def _next_waiter(self, pool: _Pool) -> _Waiter | None:
-        while True:
-            waiter = self._pick(pool)
-            if waiter is None:
-                return None
-            self._unqueue(pool, waiter)
-            if not waiter.future.done():
-                return waiter
-
-    def _refuse_all(self, pool: _Pool) -> None:
-        """The store is down and `on_store_error` is deny: every waiter of `pool` gets 503."""
-        now = self._clock()
-        for queue in list(pool.queues.values()):
-            for waiter in list(queue):
-                self._unqueue(pool, waiter)
-                if not waiter.future.done():
-                    waiter.future.set_exception(
-                        QueueRejected("slot_store", STORE_DOWN_RETRY_AFTER, now - waiter.enqueued)
-                    )
-
-    def _mirror_waiting(self, counters: dict[str, float]) -> None:
-        """Counters of waiting users as the store has them (charges on other replicas)."""
-        for name, value in counters.items():
-            user = self._users.get(name)
-            if user is not None and user.syncing == 0 and value > user.counter:
-                user.counter = value
-
-    def _sync(
-        self, user: _User | None, update: Awaitable[float | None], pool: _Pool | None = None
-    ) -> None:
-        """Run a store update in the background; the user's counter then mirrors the store's
-        (unless another update is still on its way); a release then wakes the pool's pump."""
-        if user is not None:
-            user.syncing += 1
-        task = asyncio.ensure_future(self._synced(user, update, pool))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _synced(
-        self, user: _User | None, update: Awaitable[float | None], pool: _Pool | None
-    ) -> None:
-        value = None
-        try:
-            value = await update
-        finally:
-            if user is not None:
-                user.syncing -= 1
-                if value is not None and user.syncing == 0:
-                    user.counter = value
-            if pool is not None:
-                self._kick(pool)
+        self._remote.release(pool, user, ticket.user, delta, grant._holder)
 
     def _retry_after(self, pool: _Pool, ahead: int) -> int:
         """Seconds until `ahead` waiters have been served, from recent service times."""
