@@ -168,6 +168,13 @@ async def test_models_globs_restrict_a_server(
     for _ in range(3):
         await post(http, gw, "/api/generate", {"model": "llama3.2", "prompt": "x"})
     assert generations(a) == 0 and generations(b) == 3
+    # Naming the server does not get around its `models`.
+    pinned = {"X-Ollama-Upstream": "gpu1"}
+    status, data = await post(
+        http, gw, "/api/generate", {"model": "llama3.2", "prompt": "x"}, headers=pinned
+    )
+    assert status == 404 and json.loads(data)["error"] == "model 'llama3.2:latest' not found"
+    assert generations(a) == 0
 
 
 # -- model management -------------------------------------------------------------------

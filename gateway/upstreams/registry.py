@@ -112,7 +112,6 @@ class Cluster:
         self.timings = timings
         self.servers: dict[str, Server] = {}
         self._changed = asyncio.Event()
-        self.on_state: list[Callable[[Server], None]] = []  # metrics: up/down gauges
         self.sticky = Sticky()
         self._refreshing: dict[str, asyncio.Future[bool]] = {}
         self.reconfigure(config)
@@ -168,26 +167,16 @@ class Cluster:
         if server.up:
             log.warning("upstream %s marked down: %s", server.name, reason)
         server.up, server.reason = False, reason
-        self._notify(server)
         self._changed.set()  # the loop probes it
 
     def cool_down(self, server: Server, seconds: float = COOLDOWN_SECONDS) -> None:
         log.warning("upstream %s answered 503 at once: cooling down %.0f s", server.name, seconds)
         server.cooldown_until = self._clock() + seconds
-        self._notify(server)
 
     def _mark_up(self, server: Server) -> None:
         if not server.up:
             log.warning("upstream %s is up again", server.name)
         server.up, server.reason = True, ""
-        self._notify(server)
-
-    def _notify(self, server: Server) -> None:
-        for listener in self.on_state:
-            try:
-                listener(server)
-            except Exception:  # metrics must never break routing
-                log.exception("upstream state listener failed")
 
     # --- the background loop --------------------------------------------------------------
 

@@ -66,6 +66,9 @@ async def upstream_stage(request: web.Request, handler: Handler) -> web.StreamRe
     if pinned is None and (answer := _merged_answer(request, ctx, cluster)) is not None:
         return answer
     if ctx.model is not None:
+        if pinned is not None and not pinned.allows(ctx.model):
+            # `models` says what is routed there; a selector header must not get around it.
+            raise NotFound(f"model '{ctx.model}' not found", reason="model_not_found")
         servers = [pinned] if pinned is not None else await _servers_for(request, ctx, cluster)
         ranked = _ranked(request, ctx, servers)
         return await _with_failover(request, handler, ctx, cluster, ranked)
@@ -189,10 +192,11 @@ def _ranked(request: web.Request, ctx: RequestContext, servers: list[Server]) ->
         used, slots = scheduler.load((server.name, model))
         return (0 if server.is_loaded(model, now) else 1, used / slots if slots else 0.0)
 
-    ranked = sorted(servers, key=rank)
+    ranks = {server.name: rank(server) for server in servers}
+    ranked = sorted(servers, key=lambda server: ranks[server.name])
     last = request.app[CLUSTER].sticky.get(ctx.user or ctx.client_ip, model)
-    for i, server in enumerate(ranked):
-        if server.name == last and rank(server)[0] == rank(ranked[0])[0]:
+    for i, server in enumerate(ranked):  # as loaded as the best: keep to the last one
+        if server.name == last and ranks[last][0] == ranks[ranked[0].name][0]:
             ranked.insert(0, ranked.pop(i))
             break
     return ranked
@@ -218,9 +222,9 @@ def _merged_answer(
         version = lowest_version([s for s in cluster.servers.values() if s.up])
         if version is None:
             return None  # nothing learnt yet: ask a server
-        body = b'{"version":"' + version.encode() + b'"}'
+        body = go_json({"version": version})  # a server's string: never pasted into JSON
     elif path.startswith("/v1/models/") and ctx.model is not None:
-        return _openai_model(ctx, cluster, path)
+        return _openai_model(ctx, cluster)
     else:
         return None
     return _reply(body, JSON)
@@ -230,7 +234,7 @@ def _everything(_name: str) -> bool:
     return True
 
 
-def _openai_model(ctx: RequestContext, cluster: Cluster, path: str) -> web.Response:
+def _openai_model(ctx: RequestContext, cluster: Cluster) -> web.Response:
     requested = ctx.path[len("/v1/models/") :]
     model = normalise_model(requested)
     for server in cluster.servers.values():
