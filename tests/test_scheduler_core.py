@@ -319,3 +319,18 @@ async def test_a_users_own_weight_and_priority_override_its_roles() -> None:
     scheduling = GatewaySchedulingPolicy.from_config(parse_config(yaml.safe_dump(doc)))
     assert scheduling.share_of("alice", frozenset({"user"})) == (5, 2)
     assert scheduling.share_of("bob", frozenset({"user"})) == (1, 0)
+
+
+async def test_made_up_model_names_do_not_grow_the_pools_without_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from gateway.scheduler import core
+
+    monkeypatch.setattr(core, "MAX_POOLS", 8)
+    scheduler = FairScheduler(policy())
+    held = await scheduler.acquire(ticket("alice"))  # a busy pool survives the clean-up
+    for i in range(50):
+        (await scheduler.acquire(ticket("bob", model=f"junk-{i}:latest"))).release(0)
+    assert len(scheduler.slots()) <= 8
+    assert ((DEFAULT_UPSTREAM, MODEL), 1, 1) in scheduler.slots()
+    held.release(None)

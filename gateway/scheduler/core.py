@@ -42,6 +42,7 @@ Clock = Callable[[], float]
 DEFAULT_SERVICE_SECONDS = 5.0  # Retry-After estimates before any request has finished
 SERVICE_SMOOTHING = 0.2  # weight of the newest service time in the moving average
 MAX_IDLE_USERS = 100_000  # counters kept for users with nothing waiting or running
+MAX_POOLS = 10_000  # (upstream, model) pools kept; idle ones go first (model names are input)
 MIN_RETRY_AFTER = 1
 MAX_RETRY_AFTER = 3600
 
@@ -286,8 +287,19 @@ class FairScheduler:
     def _pool(self, key: SlotKey) -> _Pool:
         pool = self._pools.get(key)
         if pool is None:
+            if len(self._pools) >= MAX_POOLS:
+                self._forget_idle_pools()
             pool = self._pools[key] = _Pool(key)
         return pool
+
+    def _forget_idle_pools(self) -> None:
+        """Pools with nothing running, waiting or pumping (made-up model names pile up)."""
+        for key in [
+            k
+            for k, p in self._pools.items()
+            if not p.in_use and not p.waiting and (p.pump is None or p.pump.done())
+        ]:
+            del self._pools[key]
 
     def _user(self, ticket: Ticket) -> _User:
         user = self._users.get(ticket.user)
