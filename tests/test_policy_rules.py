@@ -9,7 +9,7 @@ from gateway.config import RouteRule
 from gateway.config_load import ConfigError, parse_config
 from gateway.policy.models import ModelMatcher, is_cloud, models_for, normalise_model
 from gateway.policy.policy import Policy
-from gateway.policy.routes import BUILTIN_ROUTES, ROUTE_CLASSES, Access, RouteTable, route_class
+from gateway.policy.routes import BUILTIN_ROUTES, ROUTE_CLASSES, Access, RouteTable, classify_route
 from tests.policy_support import HASH  # of "pw"
 
 USER = Principal("alice", frozenset({"user"}), "basic")
@@ -117,7 +117,7 @@ def test_rule_paths_compare_case_insensitively_and_without_trailing_slash() -> N
     ],
 )
 def test_route_classes_are_a_fixed_set(path: str, label: str) -> None:
-    assert route_class(path) == label
+    assert classify_route(path)[0] == label
     assert label in ROUTE_CLASSES
 
 
@@ -226,13 +226,13 @@ def test_gateway_endpoints_and_metrics_access() -> None:
     policy = Policy.from_config(parse_config(CONFIG))
     for path in ("/healthz", "/readyz"):
         assert policy.route_access("GET", path, None) is Access.ALLOW
-        assert policy.classify(path) == "gateway"
+        assert policy.classify_route(path)[0] == "gateway"
     assert policy.route_access("GET", "/metrics", None) is Access.UNAUTHENTICATED
     assert policy.route_access("GET", "/metrics", USER) is Access.FORBIDDEN
     assert policy.route_access("GET", "/metrics", ADMIN) is Access.ALLOW
     public = Policy.from_config(parse_config(CONFIG + "metrics: {public: true, path: /m}\n"))
     assert public.route_access("GET", "/m", None) is Access.ALLOW
-    assert public.classify("/m") == "gateway"
+    assert public.classify_route("/m") == ("gateway", "/metrics")
 
 
 def test_policy_caches_matchers_per_glob_list() -> None:

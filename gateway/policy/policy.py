@@ -16,7 +16,6 @@ from gateway.policy.routes import (
     Access,
     RouteTable,
     classify_route,
-    route_class,
 )
 
 GATEWAY_PATHS = ("/healthz", "/readyz")
@@ -46,12 +45,6 @@ class Policy:
     @classmethod
     def from_config(cls, config: GatewayConfig) -> Policy:
         return cls(config)
-
-    def classify(self, path: str) -> str:
-        lowered = path.lower()
-        if lowered in GATEWAY_PATHS or lowered == self.metrics_path:
-            return "gateway"
-        return route_class(path)
 
     def classify_route(self, path: str) -> tuple[str, str]:
         """(route class, route): the metric labels of a canonical path, both bounded."""

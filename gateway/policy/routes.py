@@ -175,8 +175,3 @@ def classify_route(path: str) -> tuple[str, str]:
         if pattern.fullmatch(lowered):
             return label, route
     return "other", OTHER_ROUTE
-
-
-def route_class(path: str) -> str:
-    """The label of a canonical Ollama path (gateway endpoints are labelled by the policy)."""
-    return classify_route(path)[0]
