@@ -97,6 +97,8 @@ class UpstreamConfig:
 class NamedUpstreamConfig(UpstreamConfig):
     """One of several Ollama servers (`upstreams`): every `upstream` key, plus a name."""
 
+    # No default address here: two servers silently on Ollama's default port is a typo.
+    url: str = required("Ollama's base URL (http or https).")
     name: str = required(
         "Server name ([a-z0-9-]+), used in logs, metrics, `X-Ollama-Upstream: NAME` and the "
         "`/upstreams/NAME/` path prefix."

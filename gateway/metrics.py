@@ -256,7 +256,8 @@ class GatewayMetrics:
 
     # --- the per-request observer --------------------------------------------------------
 
-    def _child(self, metric: Any, *values: str) -> Any:
+    def child(self, metric: Any, *values: str) -> Any:
+        """A labelled child of `metric`, cached: `labels()` costs microseconds per call."""
         key = (id(metric), *values)
         child = self._children.get(key)
         if child is None:
@@ -286,33 +287,33 @@ class GatewayMetrics:
         status = ctx.status or (STATUS_CLIENT_GONE if ctx.outcome == "client_gone" else 0)
         user = self.user_of(ctx) if self.user_label else None
         labels = (route_class, route, method, str(status)) + ((user,) if user is not None else ())
-        self._child(self.requests, *labels).inc()
-        self._child(self.request_duration, route_class, route).observe(end - ctx.started)
+        self.child(self.requests, *labels).inc()
+        self.child(self.request_duration, route_class, route).observe(end - ctx.started)
         if ctx.upstream_started is not None:
-            self._child(self.overhead, route_class).observe(ctx.gateway_seconds)
+            self.child(self.overhead, route_class).observe(ctx.gateway_seconds)
             if ctx.first_byte_at is not None:
                 ttfb = ctx.first_byte_at - ctx.upstream_started
-                self._child(self.upstream_ttfb, route_class, route).observe(ttfb)
+                self.child(self.upstream_ttfb, route_class, route).observe(ttfb)
         bytes_in = ctx.bytes_in or (len(ctx.body) if ctx.body is not None else 0)
         if bytes_in:
-            self._child(self.request_bytes, route_class).inc(bytes_in)
+            self.child(self.request_bytes, route_class).inc(bytes_in)
         if ctx.bytes_out:
-            self._child(self.response_bytes, route_class).inc(ctx.bytes_out)
+            self.child(self.response_bytes, route_class).inc(ctx.bytes_out)
 
         outcome = ctx.outcome
         if outcome == "rejected":
             if status == 401:
                 auth = ctx.auth_method if ctx.auth_method in AUTH_METHODS else "none"
                 reason = self._reasons(ctx.error_reason or "unknown")
-                self._child(self.auth_failures, auth, reason).inc()
+                self.child(self.auth_failures, auth, reason).inc()
             elif status == 429:
                 limit = self._reasons(ctx.error_reason or "unknown")
-                self._child(self.rate_limited, limit).inc()
+                self.child(self.rate_limited, limit).inc()
         elif outcome == "upstream_error":
             kind = ctx.error_reason if ctx.error_reason in UPSTREAM_ERROR_KINDS else OTHER
-            self._child(self.upstream_errors, kind).inc()
+            self.child(self.upstream_errors, kind).inc()
         elif outcome == "client_gone":
-            self._child(self.client_disconnects, route_class).inc()
+            self.child(self.client_disconnects, route_class).inc()
 
         usage = ctx.usage
         if usage is not None and usage.model:
@@ -320,9 +321,9 @@ class GatewayMetrics:
             model = self._models(usage.model)
             prefix = (user,) if user is not None else ()
             if usage.prompt_tokens:
-                self._child(self.tokens, *prefix, model, "prompt").inc(usage.prompt_tokens)
+                self.child(self.tokens, *prefix, model, "prompt").inc(usage.prompt_tokens)
             if usage.completion_tokens:
-                self._child(self.tokens, *prefix, model, "completion").inc(usage.completion_tokens)
+                self.child(self.tokens, *prefix, model, "completion").inc(usage.completion_tokens)
             if usage.eval_seconds and usage.completion_tokens:
                 speed = usage.completion_tokens / usage.eval_seconds
-                self._child(self.tokens_per_second, model).observe(speed)
+                self.child(self.tokens_per_second, model).observe(speed)

@@ -108,11 +108,11 @@ class QueueMetrics:
         if outcome is None:
             return
         if outcome in WAIT_OUTCOMES and ctx.queue_seconds is not None:
-            self.wait.labels(outcome=outcome).observe(ctx.queue_seconds)
+            self._base.child(self.wait, outcome).observe(ctx.queue_seconds)
         if outcome == "timeout" or outcome in REJECTIONS:
-            self.rejections.labels(reason=outcome).inc()
+            self._base.child(self.rejections, outcome).inc()
         if ctx.queue_tokens:
             if self._base.user_label:
-                self.charged.labels(user=self._base.user_of(ctx)).inc(ctx.queue_tokens)
+                self._base.child(self.charged, self._base.user_of(ctx)).inc(ctx.queue_tokens)
             else:
                 self.charged.inc(ctx.queue_tokens)

@@ -61,6 +61,7 @@ class UpstreamMetrics:
 
     def __init__(self, base: GatewayMetrics, cluster: Cluster) -> None:
         registry = base.registry
+        self._base = base
         self._cluster = cluster
         self.requests = Counter(
             "ollama_gateway_upstream_requests",
@@ -87,11 +88,12 @@ class UpstreamMetrics:
     def observe(self, ctx: RequestContext) -> None:
         for failed, reason in ctx.failovers:
             if failed in self._cluster.servers:
-                self.failovers.labels(upstream=failed, reason=reason[:32]).inc()
+                self._base.child(self.failovers, failed, reason[:32]).inc()
         server = ctx.upstream
         if server is None or ctx.upstream_started is None or server not in self._cluster.servers:
             return
         status = ctx.status or (STATUS_CLIENT_GONE if ctx.outcome == "client_gone" else 0)
-        self.requests.labels(server, ctx.route_class, str(status)).inc()
+        child = self._base.child
+        child(self.requests, server, ctx.route_class, str(status)).inc()
         if ctx.first_byte_at is not None:
-            self.ttfb.labels(server).observe(ctx.first_byte_at - ctx.upstream_started)
+            child(self.ttfb, server).observe(ctx.first_byte_at - ctx.upstream_started)

@@ -400,11 +400,12 @@ async def test_config_refuses_both_forms_and_bad_names() -> None:
         parse_config(
             "upstream: {url: 'http://a:1'}\n"
             "upstreams: [{name: GPU, url: 'http://b:1'}, {name: x, url: 'http://c:1'},"
-            " {name: x, url: 'http://d:1'}]\n"
+            " {name: x, url: 'http://d:1'}, {name: nourl}]\n"
         )
     text = str(refused.value)
     assert "upstreams: set either `upstream` or `upstreams`, not both" in text
     assert "upstreams[0].name" in text and "upstreams[2].name: 'x' is used twice" in text
+    assert "upstreams[3].url: is required" in text
 
 
 async def test_reload_adds_a_server(
