@@ -50,6 +50,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import load, procs  # noqa: E402
+from bench.load import count_failure  # noqa: E402
 from bench.procs import Service, emit, run_bench  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -230,7 +231,7 @@ async def keep_backlogged(
             try:
                 probe, outcome = await one_stream(port, request, started)
             except OSError as exc:
-                _count(into.failures, f"connect: {exc.strerror or exc}")
+                count_failure(into.failures, f"connect: {exc.strerror or exc}")
                 await asyncio.sleep(0.05)
                 continue
             finally:
@@ -241,7 +242,9 @@ async def keep_backlogged(
             if outcome == "ok" and probe.records == chunks:
                 into.completed += 1
             elif not stop.is_set():
-                _count(into.failures, outcome if outcome != "ok" else f"{probe.records} records")
+                count_failure(
+                    into.failures, outcome if outcome != "ok" else f"{probe.records} records"
+                )
                 await asyncio.sleep(0.05)  # e.g. a 429: do not spin
 
     tasks = [asyncio.ensure_future(worker()) for _ in range(n)]
@@ -253,7 +256,7 @@ async def keep_backlogged(
         task.cancel()
     for task in done:
         if task.exception() is not None:
-            _count(into.failures, type(task.exception()).__name__)
+            count_failure(into.failures, type(task.exception()).__name__)
 
 
 def _read_from(path: Path, offset: int) -> tuple[bytes, int]:
@@ -262,10 +265,6 @@ def _read_from(path: Path, offset: int) -> tuple[bytes, int]:
         f.seek(offset)
         data = f.read()
     return data, offset + len(data)
-
-
-def _count(failures: dict[str, int], key: str, n: int = 1) -> None:
-    failures[key] = failures.get(key, 0) + n
 
 
 @dataclass
@@ -442,7 +441,7 @@ class FairnessBench:
             try:
                 probe, outcome = await one_stream(port, b_req)
             except OSError as exc:
-                _count(result.failures, f"connect: {exc.strerror or exc}")
+                count_failure(result.failures, f"connect: {exc.strerror or exc}")
                 return
             if outcome == "ok" and probe.records == plan.short_chunks:
                 assert probe.ttfc_ns is not None
@@ -450,7 +449,9 @@ class FairnessBench:
                 if m := QUEUE_DUR.search(probe.head):
                     result.queue_ms.append(float(m.group(1)))
             else:
-                _count(result.failures, outcome if outcome != "ok" else f"{probe.records} records")
+                count_failure(
+                    result.failures, outcome if outcome != "ok" else f"{probe.records} records"
+                )
 
         b_tasks: list[asyncio.Future[None]] = []
         loop = asyncio.get_running_loop()
@@ -462,15 +463,7 @@ class FairnessBench:
             await asyncio.sleep(max(0.0, start + k * plan.b_every - loop.time()))
         # Straight to the upstream each of B's requests waits behind A's whole queue.
         limit = (plan.a_streams + len(b_tasks) + 2) * plan.generation_s * 2 + 10
-        done, pending = await asyncio.wait(b_tasks, timeout=limit)
-        for task in pending:
-            task.cancel()
-        if pending:
-            _count(result.failures, "timed out", len(pending))
-            await asyncio.wait(pending, timeout=5)
-        for task in done:
-            if task.exception() is not None:
-                _count(result.failures, type(task.exception()).__name__)
+        await load.wait_counting(b_tasks, limit, result.failures)
         result.upstream = (await self.upstream_slots()).get(f"{MODEL}:latest", {})
         stop_a.set()
         await backlog

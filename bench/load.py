@@ -330,7 +330,7 @@ async def run_streams(
                 lambda: _StreamProbe(request, latencies, started), host, port
             )
         except OSError as exc:
-            _count(result.failures, f"connect: {exc.strerror or exc}")
+            count_failure(result.failures, f"connect: {exc.strerror or exc}")
             return
         try:
             outcome = await probe.finished
@@ -346,22 +346,36 @@ async def run_streams(
         if outcome == "ok" and probe.records == chunks:
             result.completed += 1
         else:
-            _count(result.failures, outcome if outcome != "ok" else f"{probe.records} records")
+            count_failure(
+                result.failures, outcome if outcome != "ok" else f"{probe.records} records"
+            )
 
     tasks = [asyncio.ensure_future(one(i)) for i in range(n)]
+    await wait_counting(tasks, time_limit, result.failures)
+    return result
+
+
+async def wait_counting(
+    tasks: list[asyncio.Future[Any]], time_limit: float, failures: dict[str, int]
+) -> None:
+    """Wait for `tasks` up to `time_limit`; cancel the rest; count what failed, and how."""
     done, pending = await asyncio.wait(tasks, timeout=time_limit)
     for task in pending:
         task.cancel()
     if pending:
-        _count(result.failures, "timed out", len(pending))
+        count_failure(failures, "timed out", len(pending))
         await asyncio.wait(pending, timeout=5)
     for task in done:
         if task.exception() is not None:
-            _count(result.failures, type(task.exception()).__name__)
-    return result
+            count_failure(failures, type(task.exception()).__name__)
 
 
-def _count(failures: dict[str, int], key: str, n: int = 1) -> None:
+def count_probe(failures: dict[str, int], outcome: str, records: int) -> None:
+    """A stream that did not complete: its outcome, or how many records it got."""
+    count_failure(failures, outcome if outcome != "ok" else f"{records} records")
+
+
+def count_failure(failures: dict[str, int], key: str, n: int = 1) -> None:
     failures[key] = failures.get(key, 0) + n
 
 
